@@ -1,0 +1,152 @@
+"""Checkpoint format: one `.pth` of tensors and plain containers, loaded `weights_only`.
+
+    {"format_version": int, "config": dict, "tokenizer": JSON str | None,
+     "state_dict": {name: tensor}, "meta": dict, "train_state": dict (latest.pth only)}
+
+A hostile file cannot run code (`torch.load(weights_only=True)`); a corrupt, truncated or
+mismatched file raises one `CheckpointError` that names the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .errors import CheckpointError, PromptPixError
+from .network import PromptPix
+from .tokenizers import tokenizer_from_json
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "config", "tokenizer", "state_dict", "meta")
+META_DEFAULTS: dict[str, Any] = {
+    "dataset": None,
+    "steps": 0,
+    "val_bpd": None,
+    "default_guidance_scale": 1.0,
+    "example_prompts": [],
+}
+
+
+def unwrap(model: nn.Module) -> PromptPix:
+    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module  # type: ignore[assignment]
+        else:
+            break
+    if not isinstance(model, PromptPix):
+        raise PromptPixError(f"expected a PromptPix model, got {type(model).__name__}")
+    return model
+
+
+def model_id(state_dict: dict[str, torch.Tensor]) -> str:
+    """Content hash of the weights (names, shapes, dtypes, bytes): 16 hex digits."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    meta: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`."""
+    m = unwrap(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "config": m.config.to_dict(),
+        "tokenizer": m.tokenizer.to_json() if m.tokenizer is not None else None,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in m.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    if train_state is not None:
+        payload["train_state"] = train_state
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any global that is not a tensor or plain container.
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain "
+            f"containers (a hostile or foreign file?): {str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (corrupt or truncated?): {e}"
+        ) from e
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is not a promptpix checkpoint (top level is not a dict)")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is not a promptpix checkpoint: missing keys {missing}")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {payload['format_version']!r}; "
+            f"this code reads version {FORMAT_VERSION}"
+        )
+    return payload
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[PromptPix, dict[str, Any]]:
+    """Rebuild the model (eval mode) and its meta from a checkpoint written by save_checkpoint."""
+    path = Path(path)
+    payload = _read(path, map_location)
+    if not isinstance(payload["config"], dict):
+        raise CheckpointError(f"{path}: config must be a dict")
+    config = ModelConfig.from_dict(payload["config"])
+    tok_json = payload["tokenizer"]
+    tokenizer = tokenizer_from_json(tok_json) if tok_json is not None else None
+    try:
+        model = PromptPix(config, tokenizer)
+    except PromptPixError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    state = payload["state_dict"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: weights do not match its config: {e}") from e
+    model.to(map_location).eval()
+    meta = {**META_DEFAULTS, **payload["meta"]}
+    meta.update(
+        config=config.to_dict(),
+        tokenizer=tokenizer.kind if tokenizer is not None else None,
+        model_id=model_id(state),
+        format_version=payload["format_version"],
+        parameters=model.num_parameters(),
+    )
+    if "train_state" in payload:
+        meta["train_state"] = payload["train_state"]
+    model.default_guidance_scale = float(meta["default_guidance_scale"])
+    return model, meta

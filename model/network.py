@@ -1,0 +1,441 @@
+"""The network: a text encoder and an exactly causal decoder over sub-pixel tokens.
+
+Token t of an image is sub-pixel (row, column, channel) in raster order. The decoder's
+input at position t is the value of token t-1 (a start token at t = 0) plus embeddings of
+position t's row, column and channel, plus the condition vector; causal self-attention
+means the output at t sees only tokens < t. Everything on the image side is per token
+(LayerNorm, gates, MLP) — nothing pools or normalises across positions — so no future
+sub-pixel can reach a past logit. Only the text is seen whole, through cross-attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import PromptPixError
+from .prior import image_tokens
+from .tokenizers import Tokenizer
+
+START = 256  # the input token at position 0: "no previous sub-pixel"
+GATE_INIT_BIAS = -2.0  # sigmoid(-2) ~ 0.12: the text gate starts nearly closed
+
+
+class KVCache:
+    """Preallocated keys/values of one layer, written by position: (B, nh, T_max, hs)."""
+
+    def __init__(self, B: int, nh: int, T: int, hs: int, device: torch.device, dtype: torch.dtype):
+        self.k = torch.zeros(B, nh, T, hs, device=device, dtype=dtype)
+        self.v = torch.zeros(B, nh, T, hs, device=device, dtype=dtype)
+
+    def update(
+        self, t0: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, S, hs) at positions t0..t0+S-1; return the cache up to there."""
+        t1 = t0 + k.shape[2]
+        self.k[:, :, t0:t1] = k
+        self.v[:, :, t0:t1] = v
+        return self.k[:, :, :t1], self.v[:, :, :t1]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, nh: int, dropout: float) -> None:
+        super().__init__()
+        self.nh, self.hs = nh, dim // nh
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.nh, self.hs).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each (B, nh, S, hs)
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        B, nh, S, hs = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, S, nh * hs))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, t0: int = 0) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        if cache is not None:
+            k, v = cache.update(t0, k, v)
+        # A single query at the end of the cache may see all of it; longer queries start at 0
+        # (training, prefill) and need the causal mask.
+        causal = q.shape[2] > 1
+        if causal and t0 != 0:
+            raise PromptPixError("multi-token steps are only supported from position 0")
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=drop)
+        return self._out(y)
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to every text token state (keys/values), pads masked."""
+
+    def __init__(self, dim: int, nh: int, dropout: float) -> None:
+        super().__init__()
+        self.nh, self.hs = nh, dim // nh
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def text_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the text states (B, L, D), computed once per request."""
+        B, L, D = ctx.shape
+        k, v = self.kv(ctx).view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
+        return k, v  # each (B, nh, L, hs)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+        B, S, D = x.shape
+        q = self.q(x).view(B, S, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, ratio * dim)
+        self.proj = nn.Linear(ratio * dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN: causal self-attention, cross-attention with gated fusion, MLP."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        D = c.hidden_dim
+        self.ln1 = nn.LayerNorm(D)
+        self.attn = SelfAttention(D, c.num_heads, c.dropout)
+        self.cross: CrossAttention | None = None
+        if c.use_text:
+            self.ln2 = nn.LayerNorm(D)
+            self.cross = CrossAttention(D, c.num_heads, c.dropout)
+            # Gate per position from [h; ctx]: a per-token sigmoid, never pooled over positions.
+            self.gate = nn.Linear(2 * D, D)
+        self.ln3 = nn.LayerNorm(D)
+        self.mlp = MLP(D, c.mlp_ratio, c.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        t0: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, t0)
+        if self.cross is not None:
+            assert text is not None, "a text-conditioned block needs the text keys/values"
+            h = self.ln2(x)
+            ctx = self.cross(h, *text)
+            x = x + torch.sigmoid(self.gate(torch.cat([h, ctx], dim=-1))) * ctx
+        return x + self.mlp(self.ln3(x))
+
+
+class TextEncoderLayer(nn.Module):
+    """Pre-LN transformer encoder layer; padded keys are masked out of attention."""
+
+    def __init__(self, dim: int, nh: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = CrossAttention(dim, nh, dropout)  # self-attention = cross onto itself
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, 4, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, *self.attn.text_kv(h), mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class TextEncoder(nn.Module):
+    """Token embeddings + positions -> N encoder layers -> states and masked mean pool."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        E = c.text_embed_dim
+        self.tok_emb = nn.Embedding(c.vocab_size, E)
+        self.pos_emb = nn.Embedding(c.max_text_length, E)
+        self.layers = nn.ModuleList(
+            TextEncoderLayer(E, c.text_nhead, c.dropout) for _ in range(c.num_text_layers)
+        )
+        self.ln = nn.LayerNorm(E)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L = ids.shape
+        x = self.tok_emb(ids) + self.pos_emb(torch.arange(L, device=ids.device))  # (B, L, E)
+        attn_mask = mask[:, None, None, :]  # (B, 1, 1, L): every query sees the real tokens
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        x = self.ln(x)
+        m = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+        pooled = (x * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, E): pads never count
+        return x, pooled
+
+
+class PromptPix(nn.Module):
+    """Text-conditioned autoregressive pixel transformer.
+
+    `forward` is the training forward (token ids in, logits out, DDP-friendly);
+    `forward_logits`, `nll` and `generate` are the public API taking prompt strings.
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
+        super().__init__()
+        c = self.config = config
+        if c.use_text and c.text_encoder != "scratch":
+            raise PromptPixError(f"text_encoder {c.text_encoder!r} is not available in this build")
+        if c.use_text and tokenizer is None:
+            raise PromptPixError("a text-conditioned model needs a tokenizer")
+        if tokenizer is not None and len(tokenizer) > c.vocab_size:
+            raise PromptPixError(
+                f"tokenizer has {len(tokenizer)} entries but vocab_size is {c.vocab_size}"
+            )
+        self.tokenizer = tokenizer if c.use_text else None
+        self.default_guidance_scale = 1.0  # set from the checkpoint's meta by load_checkpoint
+        D = c.hidden_dim
+        self.value_emb = nn.Embedding(257, D)  # 0..255 and START
+        self.row_emb = nn.Embedding(c.image_size, D)
+        self.col_emb = nn.Embedding(c.image_size, D)
+        self.chan_emb = nn.Embedding(c.channels, D)
+        # Class slot num_classes is the "no class" (unconditional) embedding.
+        self.class_emb = nn.Embedding(c.num_classes + 1, D) if c.num_classes > 0 else None
+        if c.use_text:
+            self.text = TextEncoder(c)
+            self.text_to_cond = nn.Linear(c.text_embed_dim, D)
+            self.text_to_ctx = nn.Linear(c.text_embed_dim, D)
+        self.blocks = nn.ModuleList(DecoderBlock(c) for _ in range(c.num_layers))
+        self.ln_f = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 256)
+        self.freq_prior = (
+            nn.Parameter(torch.zeros(c.seq_len, 256)) if c.use_frequency_prior else None
+        )
+        # Which (row, column, channel) each token position is: (T,) each.
+        t = torch.arange(c.seq_len)
+        self.register_buffer("pos_row", t // (c.channels * c.image_size), persistent=False)
+        self.register_buffer("pos_col", (t // c.channels) % c.image_size, persistent=False)
+        self.register_buffer("pos_chan", t % c.channels, persistent=False)
+        self.caches: list[KVCache] | None = None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            # GPT-2: scale residual projections by depth so the stream's variance stays put.
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight", "cross.proj.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * c.num_layers))
+        for block in self.blocks:
+            if block.cross is not None:
+                nn.init.zeros_(block.gate.weight)
+                nn.init.constant_(block.gate.bias, GATE_INIT_BIAS)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    # ----------------------------------------------------------------- helpers
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt strings -> ids (B, L) and mask (B, L) on the model's device."""
+        if self.tokenizer is None:
+            B = len(prompts)
+            return torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.bool)
+        ids, mask = self.tokenizer.encode_batch(list(prompts), self.config.max_text_length)
+        return ids.to(self.device), mask.to(self.device)
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on >= 2-D weights only (not biases, norms or the prior)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and name != "freq_prior" else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def set_frequency_prior(self, log_probs: torch.Tensor) -> None:
+        """Start the learnable prior from counted log-frequencies (T, 256)."""
+        if self.freq_prior is None:
+            raise PromptPixError("this model was built with use_frequency_prior=False")
+        if tuple(log_probs.shape) != tuple(self.freq_prior.shape):
+            raise PromptPixError(
+                f"frequency prior shape {tuple(log_probs.shape)} != {tuple(self.freq_prior.shape)}"
+            )
+        with torch.no_grad():
+            self.freq_prior.copy_(log_probs)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        c = self.config
+        want = (c.channels, c.image_size, c.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != want:
+            raise PromptPixError(f"expected images (B, {want}), got {tuple(images.shape)}")
+        if images.dtype != torch.uint8:
+            raise PromptPixError(f"expected uint8 images, got {images.dtype}")
+
+    def _labels(self, class_labels: torch.Tensor | list[int] | None, B: int) -> torch.Tensor | None:
+        if self.class_emb is None:
+            return None
+        null = self.config.num_classes
+        if class_labels is None:
+            return torch.full((B,), null, dtype=torch.long, device=self.device)
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).clone()
+        if labels.shape != (B,):
+            raise PromptPixError(f"expected {B} class labels, got shape {tuple(labels.shape)}")
+        bad = (labels < -1) | (labels >= null)
+        if bad.any():
+            raise PromptPixError(
+                f"class label {int(labels[bad][0])} out of range; expected -1..{null - 1}"
+            )
+        labels[labels < 0] = null
+        return labels
+
+    def _condition(
+        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None]:
+        """Condition vector (B, D) and per-block text keys/values (once per request)."""
+        B = ids.shape[0]
+        cond = torch.zeros(B, self.config.hidden_dim, device=self.device)
+        if labels is not None:
+            cond = cond + self.class_emb(labels)
+        if not self.config.use_text:
+            return cond, None
+        states, pooled = self.text(ids, mask)  # (B, L, E), (B, E)
+        cond = cond + self.text_to_cond(pooled)
+        ctx = self.text_to_ctx(states)  # (B, L, D)
+        attn_mask = mask[:, None, None, :]  # (B, 1, 1, L)
+        return cond, [(*b.cross.text_kv(ctx), attn_mask) for b in self.blocks]
+
+    def _pos(self, t0: int, t1: int) -> torch.Tensor:
+        """Row + column + channel embeddings of positions t0..t1-1: (S, D)."""
+        return (
+            self.row_emb(self.pos_row[t0:t1])
+            + self.col_emb(self.pos_col[t0:t1])
+            + self.chan_emb(self.pos_chan[t0:t1])
+        )
+
+    def _head(self, x: torch.Tensor, t0: int) -> torch.Tensor:
+        logits = self.head(self.ln_f(x)).float()  # logits in fp32 whatever the autocast
+        if self.freq_prior is not None:
+            logits = logits + self.freq_prior[t0 : t0 + x.shape[1]]
+        return logits
+
+    # ----------------------------------------------------------------- training forward
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced logits (B, H*W*C, 256) for uint8 images (B, C, H, W)."""
+        self._check_images(images)
+        B = images.shape[0]
+        tokens = image_tokens(images)  # (B, T)
+        start = torch.full((B, 1), START, dtype=torch.long, device=tokens.device)
+        inputs = torch.cat([start, tokens[:, :-1]], dim=1)  # shift right: input t = token t-1
+        cond, text = self._condition(text_ids, text_mask, self._labels(class_labels, B))
+        T = tokens.shape[1]
+        x = self.value_emb(inputs) + self._pos(0, T) + cond[:, None, :]  # (B, T, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, text[i] if text is not None else None)
+        return self._head(x, 0)
+
+    # ----------------------------------------------------------------- public API
+
+    def forward_logits(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        class_labels: torch.Tensor | list[int] | None = None,
+    ) -> torch.Tensor:
+        """Float logits (B, H*W*C, 256) in raster order, for prompt strings."""
+        if len(prompts) != images.shape[0]:
+            raise PromptPixError(f"{len(prompts)} prompts for {images.shape[0]} images")
+        ids, mask = self.tokenize(prompts)
+        labels = None if class_labels is None else torch.as_tensor(class_labels)
+        return self(images.to(self.device), ids, mask, labels)
+
+    def nll(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        class_labels: torch.Tensor | list[int] | None = None,
+    ) -> torch.Tensor:
+        """Bits per dimension of each image (B,): the exact discrete likelihood."""
+        return bits_per_dim(self.forward_logits(images, prompts, class_labels), images)
+
+    # ----------------------------------------------------------------- cached inference
+
+    def setup_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> None:
+        """Preallocate one static KV cache per layer for `batch_size` sequences."""
+        c = self.config
+        hs = c.hidden_dim // c.num_heads
+        self.caches = [
+            KVCache(batch_size, c.num_heads, c.seq_len, hs, self.device, dtype) for _ in self.blocks
+        ]
+
+    def free_caches(self) -> None:
+        self.caches = None
+
+    def prefill(
+        self,
+        inputs: torch.Tensor,
+        cond: torch.Tensor,
+        text: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
+    ) -> torch.Tensor:
+        """Run input tokens (B, S) at positions 0..S-1 into the caches; logits (B, 256) of S-1."""
+        assert self.caches is not None, "call setup_caches() first"
+        S = inputs.shape[1]
+        x = self.value_emb(inputs) + self._pos(0, S) + cond[:, None, :]
+        for i, block in enumerate(self.blocks):
+            x = block(x, text[i] if text is not None else None, self.caches[i], 0)
+        return self._head(x[:, -1:], S - 1)[:, 0]
+
+    def decode_one(
+        self,
+        prev: torch.Tensor,
+        t: int,
+        cond: torch.Tensor,
+        text: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
+    ) -> torch.Tensor:
+        """One step: input token (B,) at position t (the value of token t-1) -> logits (B, 256)."""
+        assert self.caches is not None, "call setup_caches() first"
+        x = (self.value_emb(prev) + self._pos(t, t + 1) + cond)[:, None, :]  # (B, 1, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, text[i] if text is not None else None, self.caches[i], t)
+        return self._head(x, t)[:, 0]
+
+    def generate(self, prompts: list[str], num_images: int = 1, **kwargs: object) -> torch.Tensor:
+        """Sample images; see `model.sampling.generate` for the parameters."""
+        from .sampling import generate
+
+        return generate(self, prompts, num_images=num_images, **kwargs)  # type: ignore[arg-type]
+
+
+def bits_per_dim(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mean negative log2-likelihood per sub-pixel of each image: (B,)."""
+    targets = image_tokens(images).to(logits.device)  # (B, T)
+    nats = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # (B, T)
+    return nats.mean(dim=1) / math.log(2.0)
