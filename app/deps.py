@@ -1,0 +1,101 @@
+"""FastAPI dependencies: the store, settings, API-key auth, rate limit and job lookup."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from worker.protocol import JobStore, Settings
+
+from .errors import ApiError, not_found
+
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+_BEARER = re.compile(r"^Bearer[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
+
+
+def get_store(request: Request) -> JobStore:
+    """The process's job store (built by `create_app`)."""
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+def get_app_settings(request: Request) -> Settings:
+    """The settings this app was built with."""
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+StoreDep = Annotated[JobStore, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: `owner` scopes jobs (hash of the key, '' when keys are off);
+    `who` names the rate-limit bucket (the key's hash, or the client address)."""
+
+    owner: str
+    who: str
+
+
+def key_owner(key: str) -> str:
+    """Stable, non-reversible id of an API key (what job hashes store; keys never are)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def check_api_key(request: Request, settings: Settings) -> Principal:
+    """Resolve the caller; 401 when keys are on and the bearer key is missing or unknown."""
+    keys = settings.api_key_list
+    if not keys:
+        client = request.client.host if request.client else "unknown"
+        return Principal(owner="", who=f"ip:{client}")
+    match = _BEARER.match(request.headers.get("authorization", ""))
+    given = match.group(1).encode() if match else b""
+    # Compare against every key, always, so timing says nothing about which one matched.
+    found = None
+    for key in keys:
+        if hmac.compare_digest(given, key.encode()) and given:
+            found = key
+    if found is None:
+        raise ApiError(401, "unauthorized",
+                       "missing or unknown API key (Authorization: Bearer <key>)",
+                       headers={"WWW-Authenticate": "Bearer"})
+    owner = key_owner(found)
+    return Principal(owner=owner, who=f"key:{owner}")
+
+
+def authenticated(request: Request, settings: SettingsDep) -> Principal:
+    """Dependency: the caller of a `/v1` route."""
+    return check_api_key(request, settings)
+
+
+def rate_limited(principal: Annotated[Principal, Depends(authenticated)], store: StoreDep,
+                 settings: SettingsDep) -> Principal:
+    """Dependency: the caller, after counting this request against `PROMPTPIX_RATE_LIMIT`."""
+    if settings.rate_limit > 0:
+        wait = store.rate_hit(principal.who, settings.rate_limit)
+        if wait is not None:
+            raise ApiError(429, "rate_limited",
+                           f"over {settings.rate_limit} requests a minute; retry in {wait} s",
+                           headers={"Retry-After": str(wait)})
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(rate_limited)]
+JobIdPath = Annotated[str, Path(description="job id (32 hex digits)")]
+
+
+def load_job(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> dict[str, str]:
+    """Dependency: the job hash, or 404 when unknown, expired or another key's."""
+    if not re.match(JOB_ID_PATTERN, job_id):
+        raise not_found()
+    job = store.get(job_id)
+    if job is None or not hmac.compare_digest(job.get("owner", ""), principal.owner):
+        raise not_found()
+    return job
+
+
+JobDep = Annotated[dict[str, str], Depends(load_job)]

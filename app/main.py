@@ -1,0 +1,59 @@
+"""Build the FastAPI app: settings, store, middleware, error handlers, routers.
+
+`uvicorn app.main:create_app --factory` (what `promptpix serve` runs). Importing this
+module builds nothing and never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from worker.protocol import JobStore, Settings, get_settings, redis_connection, start_reaper
+
+from .errors import install_error_handlers
+from .metrics import MetricsMiddleware
+from .middleware import BodyLimitMiddleware
+from .routes import generations, models, service, web
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Text-to-image jobs: POST a prompt, poll the job, fetch PNGs.
+Every error is `{"error": {"code", "message", "field"?}}`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app bound to `settings` (default: from the environment)."""
+    settings = settings or get_settings()
+    store = JobStore(redis_connection(settings), settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper = start_reaper(store)
+        logger.info("API up: Redis %s, keys %s", settings.redis_url_safe,
+                    "on" if settings.api_key_list else "off")
+        try:
+            yield
+        finally:
+            reaper.stop()
+            store.r.close()
+
+    app = FastAPI(title="promptpix", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.settings = settings
+    app.state.store = store
+    install_error_handlers(app)
+    app.include_router(generations.router)
+    app.include_router(models.router)
+    app.include_router(service.router)
+    app.include_router(web.router)
+    if web.STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
+    # Added last = outermost: the body limit sees the request before anything reads it.
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(BodyLimitMiddleware)
+    return app

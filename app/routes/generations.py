@@ -1,0 +1,171 @@
+"""`/v1/generations`: submit, poll, cancel, fetch PNGs and the live preview."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from datetime import datetime, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Response, status
+
+from worker.protocol import (
+    MAX_SEED,
+    GenerationParams,
+    IdempotencyConflict,
+    JobStatus,
+    Keys,
+    canonical_json,
+)
+
+from ..deps import JobDep, PrincipalDep, SettingsDep, StoreDep, rate_limited
+from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
+from ..metrics import JOBS_SUBMITTED
+from ..schemas import GenerationRequest, JobCreated, JobErrorOut, JobModel, JobView
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/v1/generations"
+QUEUE_FULL_RETRY_AFTER_S = 5
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+
+router = APIRouter(prefix=PREFIX, tags=["generations"], responses=ERROR_RESPONSES,
+                   dependencies=[Depends(rate_limited)])
+
+
+def iso(ts: str | None) -> str | None:
+    """A stored unix time as ISO 8601 UTC (None for unset)."""
+    if not ts:
+        return None
+    return datetime.fromtimestamp(float(ts), tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def job_view(job: dict[str, str], store: StoreDep) -> JobView:
+    """The public view of a stored job hash."""
+    job_id = job["id"]
+    state = JobStatus(job["status"])
+    params = json.loads(job["params"])
+    prompt = params.pop("prompt")
+    position = store.queue_position(job["rq_id"]) if state is JobStatus.QUEUED else None
+    if state is JobStatus.QUEUED and position is None:
+        position = 0  # just taken by a worker, not yet marked running
+    model = JobModel(**json.loads(job["model"])) if job.get("model") else None
+    n_images = int(job.get("images") or 0) if state is JobStatus.SUCCEEDED else 0
+    error = (JobErrorOut(code=job["error_code"], message=job.get("error_message", ""))
+             if job.get("error_code") else None)
+    return JobView(
+        id=job_id, status=state.value, attempt=int(job["attempt"]),
+        progress=float(job.get("progress") or 0.0), queue_position=position,
+        prompt=prompt, params=params, model=model,
+        created_at=iso(job["created_at"]) or "", started_at=iso(job.get("started_at")),
+        finished_at=iso(job.get("finished_at")),
+        images=[f"{PREFIX}/{job_id}/images/{n}.png" for n in range(n_images)],
+        preview_url=f"{PREFIX}/{job_id}/preview.png" if job.get("has_preview") == "1" else None,
+        error=error,
+    )
+
+
+def _check_limits(body: GenerationRequest, settings: SettingsDep, store: StoreDep) -> None:
+    if len(body.prompt) > settings.max_prompt_chars:
+        raise ApiError(422, "invalid_request",
+                       f"prompt is longer than {settings.max_prompt_chars} characters", "prompt")
+    if body.num_images > settings.max_images:
+        raise ApiError(422, "invalid_request",
+                       f"num_images must be at most {settings.max_images}", "num_images")
+    if body.class_label is not None:
+        served = store.models()
+        if served and not any(body.class_label < int(m.get("num_classes") or 0) for m in served):
+            classes = max(int(m.get("num_classes") or 0) for m in served)
+            raise ApiError(422, "invalid_request",
+                           f"class_label {body.class_label} is not a class of the served model "
+                           f"({classes} classes)", "class_label")
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated,
+             responses={200: {"model": JobCreated, "description": "Repeated Idempotency-Key"},
+                        409: {"model": ErrorResponse,
+                              "description": "`idempotency_conflict`"}})
+def submit(
+    body: GenerationRequest, response: Response, principal: PrincipalDep, store: StoreDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobCreated:
+    """Queue a generation job; poll `status_url` for progress and images."""
+    _check_limits(body, settings, store)
+    idem = None
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise ApiError(422, "invalid_request",
+                           f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                           "Idempotency-Key")
+        body_hash = hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest()
+        idem = (Keys.idempotency(principal.owner or "global", idempotency_key), body_hash)
+    if store.queue_depth() >= settings.max_queue:
+        raise ApiError(429, "queue_full", f"{settings.max_queue} jobs are waiting; retry later",
+                       headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
+    params = GenerationParams(**{**body.model_dump(), "seed": seed})
+    try:
+        job_id, created = store.create_job(params, owner=principal.owner, idempotency=idem)
+    except IdempotencyConflict as e:
+        raise ApiError(409, "idempotency_conflict",
+                       "this Idempotency-Key was used with a different body") from e
+    job = store.get(job_id)
+    if job is None:  # expired between the two reads: only possible with a tiny RESULT_TTL
+        raise not_found()
+    if created:
+        JOBS_SUBMITTED.inc()
+    else:
+        response.status_code = status.HTTP_200_OK
+    url = f"{PREFIX}/{job_id}"
+    response.headers["Location"] = url
+    return JobCreated(id=job_id, status=job["status"], created_at=iso(job["created_at"]) or "",
+                      status_url=url, seed=int(json.loads(job["params"])["seed"]))
+
+
+@router.get("/{job_id}", response_model=JobView)
+def get_job(job: JobDep, store: StoreDep) -> JobView:
+    """Status, progress, queue position and, when done, the image URLs."""
+    return job_view(job, store)
+
+
+@router.delete("/{job_id}", response_model=JobView,
+               responses={409: {"model": ErrorResponse,
+                                "description": "`not_cancelable`"}})
+def cancel_job(job: JobDep, store: StoreDep) -> JobView:
+    """Cancel: a queued job never runs; a running job stops within one row."""
+    outcome = store.cancel(job["id"])
+    if outcome == "missing":
+        raise not_found()
+    if outcome != "ok":
+        raise ApiError(409, "not_cancelable", f"the job already ended ({outcome})")
+    fresh = store.get(job["id"])
+    if fresh is None:
+        raise not_found()
+    return job_view(fresh, store)
+
+
+_PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+
+
+@router.get("/{job_id}/images/{n}.png", response_class=Response, responses=_PNG)
+def get_image(job: JobDep, n: int, store: StoreDep) -> Response:
+    """Image `n` (from 0) of a succeeded job, with prompt, seed, params and model id inside."""
+    if job["status"] != JobStatus.SUCCEEDED.value or not 0 <= n < int(job.get("images") or 0):
+        raise not_found("image")
+    data = store.get_blob(Keys.image(job["id"], n))
+    if data is None:
+        raise not_found("image")
+    return Response(data, media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/{job_id}/preview.png", response_class=Response, responses=_PNG)
+def get_preview(job: JobDep, store: StoreDep) -> Response:
+    """All images of the job side by side: rows sampled so far, the rest grey."""
+    data = store.get_blob(Keys.preview(job["id"])) if job.get("has_preview") == "1" else None
+    if data is None:
+        raise not_found("preview")
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -1,0 +1,44 @@
+"""Operational endpoints: `/healthz`, `/readyz`, `/metrics`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..deps import SettingsDep, StoreDep, check_api_key
+from ..errors import ErrorResponse, error_response
+from ..metrics import render_metrics
+from ..schemas import Readiness
+
+router = APIRouter(tags=["service"])
+
+NOT_READY_RETRY_AFTER_S = 5
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """200 while the process lives (no Redis call)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": ErrorResponse, "description": "not ready, with the reason"}})
+def readyz(store: StoreDep) -> Readiness | JSONResponse:
+    """200 when Redis answers and a worker with a loaded model has a live heartbeat."""
+    headers = {"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
+    store.r.ping()  # a Redis error becomes 503 `unavailable` in the error handlers
+    workers = [w for w in store.live_workers() if w.get("model_id")]
+    if not workers:
+        return error_response(503, "unavailable",
+                              "no worker with a loaded model has a live heartbeat", headers=headers)
+    return Readiness(status="ready", workers=len(workers), queue_depth=store.queue_depth())
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
+def metrics(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+    """Prometheus text; needs an API key when keys are on and PROMPTPIX_METRICS_PUBLIC=false."""
+    if not settings.metrics_public:
+        check_api_key(request, settings)
+    return Response(render_metrics(store), media_type=CONTENT_TYPE_LATEST)

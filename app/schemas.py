@@ -1,0 +1,123 @@
+"""Request and public response schemas of the HTTP API (see API.md)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from worker.protocol import MAX_SEED
+
+
+class GenerationRequest(BaseModel):
+    """`POST /v1/generations`: strict types, unknown fields rejected, finite numbers only.
+
+    `prompt` length and `num_images` are further capped by `PROMPTPIX_MAX_PROMPT_CHARS`
+    and `PROMPTPIX_MAX_IMAGES` (defaults 1000 and 16).
+    """
+
+    model_config = ConfigDict(
+        strict=True, extra="forbid", allow_inf_nan=False,
+        json_schema_extra={"examples": [{
+            "prompt": "a large red circle in the top left on a white background",
+            "num_images": 4, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+            "guidance_scale": 3.0, "seed": 1234, "class_label": None,
+        }]},
+    )
+
+    prompt: str = Field(min_length=1, description="text, not only whitespace")
+    num_images: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0.0, le=2.0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    guidance_scale: float | None = Field(None, ge=1.0, description="null = the model's default")
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="null = drawn and returned")
+    class_label: int | None = Field(None, ge=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must contain a non-whitespace character")
+        return v
+
+    @field_validator("temperature", "top_p", "guidance_scale", mode="before")
+    @classmethod
+    def _int_is_float(cls, v: object) -> object:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+        return v
+
+
+class JobCreated(BaseModel):
+    """Answer to a submission (202, or 200 for a repeated Idempotency-Key)."""
+
+    id: str
+    status: str
+    created_at: str
+    status_url: str
+    seed: int
+
+
+class JobModel(BaseModel):
+    """The model a job ran on (null until a worker takes it)."""
+
+    id: str
+    image_size: int
+    channels: int
+
+
+class JobErrorOut(BaseModel):
+    """Why a job failed."""
+
+    code: str
+    message: str
+
+
+class JobView(BaseModel):
+    """`GET /v1/generations/{id}`."""
+
+    id: str
+    status: str
+    attempt: int
+    progress: float
+    queue_position: int | None
+    prompt: str
+    params: dict[str, object]
+    model: JobModel | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    images: list[str]
+    preview_url: str | None
+    error: JobErrorOut | None
+
+
+class ModelInfo(BaseModel):
+    """A checkpoint that a live worker serves."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    image_size: int
+    channels: int
+    num_classes: int = 0
+    parameters: int
+    dataset: str | None = None
+    steps: int | None = None
+    val_bpd: float | None = None
+    default_guidance_scale: float | None = None
+    example_prompts: list[str] = []
+    workers: int = 0
+
+
+class ModelList(BaseModel):
+    """`GET /v1/models`."""
+
+    models: list[ModelInfo]
+
+
+class Readiness(BaseModel):
+    """`GET /readyz` when ready."""
+
+    status: str
+    workers: int
+    queue_depth: int

@@ -1,0 +1,146 @@
+"""Job-store transitions and the reaper over a real Redis, with no worker process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from worker.protocol import (
+    GenerationParams,
+    JobStatus,
+    JobStore,
+    Keys,
+    PayloadError,
+    Settings,
+    parse_payload,
+    reap_once,
+    rq_job_id,
+)
+
+
+@pytest.fixture
+def store(redis_url: str) -> JobStore:
+    s = Settings(redis_url=redis_url, heartbeat_interval=0.1, reaper_interval=0.05,
+                 max_retries=1)
+    return JobStore(redis.Redis.from_url(redis_url), s)
+
+
+MODEL = {"id": "m1", "image_size": 8, "channels": 3}
+
+
+def params(seed: int = 1) -> GenerationParams:
+    return GenerationParams(prompt="a red square", num_images=2, seed=seed)
+
+
+def beat(store: JobStore, name: str, job: str | None) -> None:
+    store.heartbeat(name, {"name": name, "model_id": "m1", "job": job, "ts": time.time()},
+                    {**MODEL, "parameters": 1})
+
+
+def test_claim_progress_finish(store: JobStore) -> None:
+    job_id, created = store.create_job(params())
+    assert created
+    assert store.claim(job_id, rq_job_id(job_id, 1), "w1", MODEL) == "ok"
+    assert store.claim(job_id, rq_job_id(job_id, 1), "w2", MODEL) == "running"
+    assert store.write_progress(job_id, 1, "w1", 0.5, b"png")
+    assert store.write_progress(job_id, 1, "w1", 0.25, None)  # never decreases
+    assert store.get(job_id)["progress"] == "0.5"
+    assert not store.write_progress(job_id, 1, "w2", 0.9, None)  # not the owner
+    assert not store.should_stop(job_id, 1, "w1") and store.should_stop(job_id, 1, "w2")
+    assert store.finish(job_id, 1, "w1", JobStatus.SUCCEEDED, images=[b"a", b"b"])
+    job = store.get(job_id)
+    assert job["status"] == "succeeded" and job["images"] == "2" and job["progress"] == "1"
+    assert store.get_blob(Keys.image(job_id, 1)) == b"b"
+    assert 0 < store.r.ttl(Keys.image(job_id, 0)) <= store.settings.result_ttl
+    assert not store.r.sismember(Keys.running, job_id)
+
+
+def test_cancel_running_fences_worker(store: JobStore) -> None:
+    job_id, _ = store.create_job(params())
+    store.claim(job_id, rq_job_id(job_id, 1), "w1", MODEL)
+    assert store.cancel(job_id) == "ok"
+    assert store.should_stop(job_id, 1, "w1")
+    assert not store.finish(job_id, 1, "w1", JobStatus.SUCCEEDED, images=[b"x"])
+    assert store.get(job_id)["status"] == "canceled"
+    assert store.cancel(job_id) == "canceled"
+
+
+def test_reaper_requeues_at_front_then_fails(store: JobStore) -> None:
+    other, _ = store.create_job(params(2))
+    job_id, _ = store.create_job(params())
+    store.r.lrem(store.queue.key, 0, rq_job_id(job_id, 1))  # a worker popped it
+    beat(store, "w1", job_id)
+    assert store.claim(job_id, rq_job_id(job_id, 1), "w1", MODEL) == "ok"
+    store.write_progress(job_id, 1, "w1", 0.5, b"png")
+    assert store.reap() == []  # heartbeat alive, reporting this job
+    store.r.delete(Keys.worker("w1"))  # the worker died: its key expired
+    assert reap_once(store) == [(job_id, "requeued")]
+    job = store.get(job_id)
+    assert job["status"] == "queued" and job["attempt"] == "2" and job["progress"] == "0"
+    assert job["has_preview"] == "0" and store.get_blob(Keys.preview(job_id)) is None
+    assert store.queue_position(rq_job_id(job_id, 2)) == 0  # front, before `other`
+    assert store.queue_position(rq_job_id(other, 1)) == 1
+    # The lost attempt can no longer write anything.
+    assert not store.write_progress(job_id, 1, "w1", 0.9, None)
+    assert not store.finish(job_id, 1, "w1", JobStatus.SUCCEEDED, images=[b"x"])
+    # Second loss: max_retries=1 is used up -> worker_lost.
+    beat(store, "w2", job_id)
+    assert store.claim(job_id, rq_job_id(job_id, 2), "w2", MODEL) == "ok"
+    store.r.delete(Keys.worker("w2"))
+    assert store.reap() == [(job_id, "failed")]
+    job = store.get(job_id)
+    assert job["status"] == "failed" and job["error_code"] == "worker_lost"
+    assert store.reap() == []
+
+
+def test_reaper_sees_worker_that_moved_on(store: JobStore) -> None:
+    job_id, _ = store.create_job(params())
+    beat(store, "w1", job_id)
+    store.claim(job_id, rq_job_id(job_id, 1), "w1", MODEL)
+    time.sleep(0.01)
+    beat(store, "w1", None)  # alive, but a later beat no longer names the job
+    assert store.reap() == [(job_id, "requeued")]
+
+
+def test_stale_queue_entries_are_skipped(store: JobStore) -> None:
+    job_id, _ = store.create_job(params())
+    assert store.claim(job_id, rq_job_id(job_id, 7), "w1", MODEL) == "stale"
+    store.cancel(job_id)
+    assert store.claim(job_id, rq_job_id(job_id, 1), "w1", MODEL) == "canceled"
+    assert store.claim("f" * 32, rq_job_id("f" * 32, 1), "w1", MODEL) == "missing"
+
+
+def test_shutdown_requeue_does_not_count(store: JobStore) -> None:
+    job_id, _ = store.create_job(params())
+    store.claim(job_id, rq_job_id(job_id, 1), "w1", MODEL)
+    assert store.requeue(job_id, 1, "w1", lost=False) == "requeued"
+    job = store.get(job_id)
+    assert job["attempt"] == "2" and job["retries"] == "0"
+    assert store.requeue(job_id, 1, "w1", lost=False) == "skip"
+
+
+def test_reaper_lock_one_sweep_per_interval(store: JobStore) -> None:
+    assert store.try_reaper_lock(1.0)
+    assert not store.try_reaper_lock(1.0)
+
+
+def test_live_workers_and_models(store: JobStore) -> None:
+    beat(store, "w1", None)
+    beat(store, "w2", None)
+    assert {w["name"] for w in store.live_workers()} == {"w1", "w2"}
+    assert [m["id"] for m in store.models()] == ["m1"]
+    time.sleep(0.4)  # heartbeat TTL = 3 x 0.1 s
+    assert store.live_workers() == [] and store.models() == []
+
+
+def test_payload_validation() -> None:
+    good = {"job_id": "a" * 32, "attempt": 1,
+            "params": json.loads(params().model_dump_json())}
+    assert parse_payload(good).params.image_seeds() == [1, 2]
+    for bad in ({**good, "attempt": "1"}, {**good, "job_id": "../x"}, {**good, "extra": 1},
+                {**good, "params": {**good["params"], "seed": -1}}, [good], None):
+        with pytest.raises(PayloadError):
+            parse_payload(bad)

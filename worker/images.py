@@ -1,0 +1,60 @@
+"""PNG encoding of results and of the live preview strip (Pillow)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+GREY = 128  # rows not sampled yet in the preview
+
+
+def _to_pil(chw: np.ndarray) -> Image.Image:
+    c = chw.shape[0]
+    if c == 1:
+        return Image.fromarray(np.ascontiguousarray(chw[0]), mode="L")
+    return Image.fromarray(np.ascontiguousarray(chw.transpose(1, 2, 0)), mode="RGB")
+
+
+def encode_png(chw: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """One uint8 C×H×W image as PNG bytes, with `text` as tEXt/iTXt chunks."""
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
+    buf = io.BytesIO()
+    _to_pil(chw).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def result_pngs(images: torch.Tensor, prompt: str, seeds: list[int], params: dict[str, Any],
+                model_id: str) -> list[bytes]:
+    """PNG bytes of each image (N×C×H×W uint8), carrying prompt, seed, params, model id.
+
+    Nothing job-specific goes in, so the same request reproduces byte-identical files."""
+    arr = images.detach().to("cpu").numpy()
+    out = []
+    for k, chw in enumerate(arr):
+        out.append(encode_png(chw, {
+            "prompt": prompt, "seed": str(seeds[k]),
+            "parameters": json.dumps({**params, "seed": seeds[k]}, sort_keys=True),
+            "model_id": model_id, "Software": "promptpix",
+        }))
+    return out
+
+
+def preview_png(partial: torch.Tensor, rows_done: int) -> bytes:
+    """All images side by side in one strip; rows not sampled yet are grey."""
+    arr = partial.detach().to("cpu").numpy().copy()  # (N, C, H, W)
+    arr[:, :, rows_done:, :] = GREY
+    strip = np.concatenate(list(arr), axis=2)  # (C, H, N*W)
+    return encode_png(strip)
+
+
+def grey_preview(n: int, channels: int, size: int) -> bytes:
+    """The preview before the first row: all grey."""
+    return encode_png(np.full((channels, size, size * n), GREY, dtype=np.uint8))

@@ -1,0 +1,160 @@
+"""What the API and the workers agree on: key names, job states, error codes, the payload.
+
+Torch-free: the API process imports this module (through `worker.protocol`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# ---------------------------------------------------------------------------------------
+# Named defaults and limits
+QUEUE_NAME = "generate"
+JOB_FUNC = "worker.jobs.generate"  # dotted path: RQ imports it by name, never unpickles code
+KEY_PREFIX = "promptpix"
+MAX_SEED = 2**53  # seeds are exact integers in JavaScript below this
+MAX_BODY_BYTES = 64 * 1024
+PROGRESS_MIN_INTERVAL_S = 0.25  # progress + preview written at most 4x a second
+HEARTBEAT_TTL_FACTOR = 3  # a worker key lives 3 heartbeat intervals (5 s -> 15 s)
+
+
+class JobStatus(str, Enum):
+    """Public job states; `running` may go back to `queued` when its worker is lost."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class JobErrorCode(str, Enum):
+    """Why a job ended `failed` (only `worker_lost` is ever retried, by the reaper)."""
+
+    WORKER_LOST = "worker_lost"
+    TIMEOUT = "timeout"
+    MODEL_ERROR = "model_error"
+    OUT_OF_MEMORY = "out_of_memory"
+    INVALID_PAYLOAD = "invalid_payload"
+
+
+class ProtocolError(Exception):
+    """Base of the torch-free serving errors (bad payloads, unknown jobs)."""
+
+
+class PayloadError(ProtocolError):
+    """A job payload read from Redis does not match `JobPayload`."""
+
+
+# ---------------------------------------------------------------------------------------
+# Redis key names (one place, so API replicas and workers can never disagree)
+class Keys:
+    """Redis key names; every key the service owns starts with `promptpix:`."""
+
+    running = f"{KEY_PREFIX}:running"  # set of job ids in `running`
+    workers = f"{KEY_PREFIX}:workers"  # zset worker name -> last heartbeat (unix s)
+    reaper_lock = f"{KEY_PREFIX}:reaper:lock"
+
+    @staticmethod
+    def job(job_id: str) -> str:
+        return f"{KEY_PREFIX}:job:{job_id}"
+
+    @staticmethod
+    def image(job_id: str, n: int) -> str:
+        return f"{KEY_PREFIX}:job:{job_id}:img:{n}"
+
+    @staticmethod
+    def preview(job_id: str) -> str:
+        return f"{KEY_PREFIX}:job:{job_id}:preview"
+
+    @staticmethod
+    def worker(name: str) -> str:
+        return f"{KEY_PREFIX}:worker:{name}"
+
+    @staticmethod
+    def model(model_id: str) -> str:
+        return f"{KEY_PREFIX}:model:{model_id}"
+
+    @staticmethod
+    def idempotency(scope: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{KEY_PREFIX}:idem:{scope}:{digest}"
+
+    @staticmethod
+    def rate(who: str, window: int) -> str:
+        return f"{KEY_PREFIX}:rate:{who}:{window}"
+
+
+def rq_job_id(job_id: str, attempt: int) -> str:
+    """The RQ job id of one attempt: a fresh one per attempt fences stale queue entries."""
+    return f"{job_id}-a{attempt}"
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters and the job payload
+class GenerationParams(BaseModel):
+    """Sampling parameters of one job, as stored and as sent to the worker (seed resolved)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+
+    prompt: str = Field(min_length=1)
+    num_images: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0.0, le=2.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    guidance_scale: float | None = Field(None, ge=1.0)
+    seed: int = Field(ge=0, lt=MAX_SEED)
+    class_label: int | None = Field(None, ge=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must contain a non-whitespace character")
+        return v
+
+    @field_validator("temperature", "top_p", "guidance_scale", mode="before")
+    @classmethod
+    def _int_is_float(cls, v: Any) -> Any:
+        # JSON has one number type: 1 and 1.0 are the same temperature (bools are not).
+        if isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+        return v
+
+    def image_seeds(self) -> list[int]:
+        """Per-image seeds: image k uses seed + k, so it does not depend on num_images."""
+        return [self.seed + k for k in range(self.num_images)]
+
+
+class JobPayload(BaseModel):
+    """The plain dict an RQ job carries (JSON-serialized; validated again by the worker)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    job_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    attempt: int = Field(ge=1)
+    params: GenerationParams
+    # Honoured by the worker only when PROMPTPIX_TEST_HOOKS=1; the API never sets it.
+    test_hooks: dict[str, float | bool] | None = None
+
+
+def parse_payload(data: Any) -> JobPayload:
+    """Validate a payload dict read from the queue; raise `PayloadError` naming the problem."""
+    try:
+        return JobPayload.model_validate(data)
+    except ValidationError as e:
+        raise PayloadError(f"invalid job payload: {e.errors(include_url=False)}") from e
+
+
+def canonical_json(data: Any) -> str:
+    """Deterministic JSON (sorted keys, no spaces), used for hashing request bodies."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,103 @@
+"""The one `Settings` of the services (environment variables prefixed `PROMPTPIX_`).
+
+It lives in the torch-free protocol package because both rooms read it: the API
+(`app.settings` re-exports it) and the workers (which may not import `app`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .schema import HEARTBEAT_TTL_FACTOR
+
+MIN_API_KEY_CHARS = 8
+
+
+class Settings(BaseSettings):
+    """Service settings; see API.md "Settings". Secrets are `SecretStr` and have no default."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTPIX_", extra="ignore")
+
+    # --- server
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    checkpoint: Path | None = None
+    api_keys: SecretStr | None = None  # comma separated; unset = open
+    metrics_public: bool = True
+    max_queue: int = Field(1000, ge=1)
+    max_images: int = Field(16, ge=1, le=256)
+    max_prompt_chars: int = Field(1000, ge=1, le=10000)
+    result_ttl: int = Field(86400, ge=10)
+    job_timeout: int = Field(600, ge=1)
+    max_retries: int = Field(2, ge=0)
+    shutdown_grace: float = Field(30.0, ge=0)
+    rate_limit: int = Field(600, ge=0)  # requests a minute per key / client; 0 = off
+    worker_metrics_port: int = Field(9100, ge=0, le=65535)  # 0 = next free from 9100
+    device: str | None = None  # default: cuda when available, else cpu
+    compile: bool = False
+    max_batch: int = Field(1, ge=1)
+    # --- liveness (not in API.md's list: tests shorten them)
+    heartbeat_interval: float = Field(5.0, gt=0)
+    reaper_interval: float = Field(5.0, gt=0)
+    # --- test-only hooks in the worker (forced OOM, slow rows); never on in production
+    test_hooks: bool = False
+    # --- client (`promptpix submit`)
+    url: str = "http://127.0.0.1:8000"
+    api_key: SecretStr | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"PROMPTPIX_REDIS_URL must be redis://, rediss:// or unix://, got {v!r}")
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_valid(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return None
+        keys = [k.strip() for k in v.get_secret_value().split(",")]
+        if not any(keys):
+            return None  # PROMPTPIX_API_KEYS="" means open, like unset
+        for i, key in enumerate(keys):
+            # Say which entry is wrong without echoing a secret.
+            if len(key) < MIN_API_KEY_CHARS or any(c.isspace() for c in key):
+                raise ValueError(
+                    f"PROMPTPIX_API_KEYS entry {i} must be at least {MIN_API_KEY_CHARS} "
+                    "characters without spaces"
+                )
+        return v
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """The configured API keys (empty: authentication off)."""
+        if self.api_keys is None:
+            return []
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+    @property
+    def heartbeat_ttl_ms(self) -> int:
+        """Milliseconds a worker key lives without a refresh (3 heartbeat intervals)."""
+        return max(100, int(self.heartbeat_interval * HEARTBEAT_TTL_FACTOR * 1000))
+
+    @property
+    def redis_url_safe(self) -> str:
+        """The Redis URL with any password masked, for logs."""
+        parts = urlsplit(self.redis_url)
+        if parts.password is None:
+            return self.redis_url
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()

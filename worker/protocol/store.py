@@ -1,0 +1,392 @@
+"""Job state in Redis: one hash per job, written only through atomic transitions.
+
+The API (any replica) and the workers share this class. Every write a worker makes is
+fenced by (status == running, worker == me, attempt == mine), so a worker the reaper gave
+up on can never overwrite the job's next attempt. State changes that also touch the RQ
+queue (create, requeue) run in one MULTI/EXEC with the RQ enqueue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from .schema import (
+    JOB_FUNC,
+    QUEUE_NAME,
+    GenerationParams,
+    JobErrorCode,
+    JobStatus,
+    Keys,
+    ProtocolError,
+    rq_job_id,
+)
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+WORKER_FORGET_S = 3600  # names of workers silent this long leave the `workers` zset
+RQ_RESULT_TTL = 0  # the job hash is the record; RQ deletes its own job on success
+
+# KEYS: job hash, running set. ARGV: rq id, worker, now, model json, job id.
+_CLAIM = """
+local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id')
+if not s[1] then return 'missing' end
+if s[1] ~= 'queued' then return s[1] end
+if s[2] ~= ARGV[1] then return 'stale' end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3],
+           'progress', '0', 'model', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[5])
+return 'ok'
+"""
+
+# KEYS: job hash, preview. ARGV: worker, attempt, progress, preview png ('' = none), ttl.
+_PROGRESS = """
+local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', 'progress')
+if s[1] ~= 'running' or s[2] ~= ARGV[1] or s[3] ~= ARGV[2] then return 0 end
+if tonumber(ARGV[3]) > tonumber(s[4] or '0') then
+  redis.call('HSET', KEYS[1], 'progress', ARGV[3])
+end
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+  redis.call('HSET', KEYS[1], 'has_preview', '1')
+end
+return 1
+"""
+
+# KEYS: job hash, running set, preview, image keys... ARGV: worker, attempt, status, now,
+# ttl, error code, error message, job id, pngs... (one per image key)
+_FINISH = """
+local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', 'idem')
+if s[1] ~= 'running' or s[2] ~= ARGV[1] or s[3] ~= ARGV[2] then return 0 end
+local n = #KEYS - 3
+for i = 1, n do
+  redis.call('SET', KEYS[3 + i], ARGV[8 + i], 'EX', ARGV[5])
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'finished_at', ARGV[4], 'images', tostring(n),
+           'error_code', ARGV[6], 'error_message', ARGV[7])
+if ARGV[3] == 'succeeded' then redis.call('HSET', KEYS[1], 'progress', '1') end
+redis.call('SREM', KEYS[2], ARGV[8])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+if s[4] and s[4] ~= '' then redis.call('EXPIRE', s[4], ARGV[5]) end
+return 1
+"""
+
+# KEYS: job hash, queue list, running set. ARGV: now, job id.
+_CANCEL = """
+local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id')
+if not s[1] then return 'missing' end
+if s[1] == 'queued' then
+  redis.call('LREM', KEYS[2], 0, s[2])
+elseif s[1] ~= 'running' then
+  return s[1]
+end
+redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[2])
+return 'ok'
+"""
+
+
+def _s(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class JobStore:
+    """Reads and atomic transitions of jobs, workers and models in one Redis."""
+
+    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+        self.r = connection
+        self.settings = settings
+        self.queue = Queue(QUEUE_NAME, connection=connection, serializer=JSONSerializer)
+        self._claim = connection.register_script(_CLAIM)
+        self._progress = connection.register_script(_PROGRESS)
+        self._finish = connection.register_script(_FINISH)
+        self._cancel = connection.register_script(_CANCEL)
+
+    # ----------------------------------------------------------------- submit side
+    def _enqueue(self, pipe: Any, job_id: str, attempt: int, params: dict[str, Any],
+                 test_hooks: dict[str, Any] | None, at_front: bool) -> str:
+        payload: dict[str, Any] = {"job_id": job_id, "attempt": attempt, "params": params}
+        if test_hooks:
+            payload["test_hooks"] = test_hooks
+        rq_id = rq_job_id(job_id, attempt)
+        self.queue.enqueue_call(
+            JOB_FUNC, args=(payload,), job_id=rq_id, timeout=self.settings.job_timeout,
+            ttl=self.settings.result_ttl, result_ttl=RQ_RESULT_TTL,
+            failure_ttl=self.settings.result_ttl, at_front=at_front, pipeline=pipe,
+            description=f"generate {job_id} attempt {attempt}",
+        )
+        return rq_id
+
+    def create_job(
+        self,
+        params: GenerationParams,
+        owner: str = "",
+        idempotency: tuple[str, str] | None = None,
+        test_hooks: dict[str, Any] | None = None,
+    ) -> tuple[str, bool]:
+        """Create and enqueue a job; return (job id, created).
+
+        With `idempotency` = (idempotency key name, body hash), an earlier live job under
+        that key is returned instead (created False) when its body hash matches; a
+        different body raises `IdempotencyConflict`.
+        """
+        ttl = self.settings.result_ttl
+        params_dict = params.model_dump(mode="json")
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    if idempotency is not None:
+                        idem_key, body_hash = idempotency
+                        pipe.watch(idem_key)
+                        found = _s(pipe.get(idem_key))
+                        if found:
+                            old_id, _, old_hash = found.partition(":")
+                            if pipe.exists(Keys.job(old_id)):
+                                pipe.unwatch()
+                                if old_hash != body_hash:
+                                    raise IdempotencyConflict(old_id)
+                                return old_id, False
+                    job_id = uuid.uuid4().hex
+                    now = time.time()
+                    pipe.multi()
+                    pipe.hset(Keys.job(job_id), mapping={
+                        "id": job_id, "status": JobStatus.QUEUED.value, "attempt": "1",
+                        "retries": "0", "rq_id": rq_job_id(job_id, 1), "owner": owner,
+                        "params": json.dumps(params_dict), "created_at": repr(now),
+                        "progress": "0", "has_preview": "0", "images": "0",
+                        "idem": idempotency[0] if idempotency else "",
+                        "test_hooks": json.dumps(test_hooks) if test_hooks else "",
+                    })
+                    pipe.expire(Keys.job(job_id), ttl)
+                    if idempotency is not None:
+                        pipe.set(idempotency[0], f"{job_id}:{idempotency[1]}", ex=ttl)
+                    self._enqueue(pipe, job_id, 1, params_dict, test_hooks, at_front=False)
+                    pipe.execute()
+                    logger.info("job %s queued (owner %s)", job_id, owner[:8] or "-")
+                    return job_id, True
+                except redis.WatchError:
+                    continue  # the same Idempotency-Key arrived concurrently: look again
+
+    def get(self, job_id: str) -> dict[str, str] | None:
+        """The job hash as text (None when unknown or expired)."""
+        raw = self.r.hgetall(Keys.job(job_id))
+        if not raw:
+            return None
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def queue_position(self, rq_id: str) -> int | None:
+        """0-based position of an RQ job id in the queue (None when not in it)."""
+        pos = self.r.lpos(self.queue.key, rq_id)
+        return None if pos is None else int(pos)
+
+    def queue_depth(self) -> int:
+        """Jobs waiting in the queue."""
+        return int(self.r.llen(self.queue.key))
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a queued or running job; return 'ok', 'missing' or its finished state."""
+        out = self._cancel(keys=[Keys.job(job_id), self.queue.key, Keys.running],
+                           args=[repr(time.time()), job_id])
+        result = _s(out) or "missing"
+        if result == "ok":
+            logger.info("job %s canceled", job_id)
+        return result
+
+    def get_blob(self, key: str) -> bytes | None:
+        """A stored PNG (image or preview) or None."""
+        value = self.r.get(key)
+        return bytes(value) if value is not None else None
+
+    # ----------------------------------------------------------------- worker side
+    def claim(self, job_id: str, rq_id: str, worker: str, model: dict[str, Any]) -> str:
+        """queued -> running for this RQ attempt; 'ok', or why the entry must be skipped."""
+        out = self._claim(keys=[Keys.job(job_id), Keys.running],
+                          args=[rq_id, worker, repr(time.time()), json.dumps(model), job_id])
+        return _s(out) or "missing"
+
+    def write_progress(self, job_id: str, attempt: int, worker: str, progress: float,
+                       preview: bytes | None) -> bool:
+        """Record progress (never decreasing) and the preview; False when no longer ours."""
+        out = self._progress(
+            keys=[Keys.job(job_id), Keys.preview(job_id)],
+            args=[worker, str(attempt), repr(float(progress)), preview or b"",
+                  self.settings.result_ttl],
+        )
+        return bool(out)
+
+    def should_stop(self, job_id: str, attempt: int, worker: str) -> bool:
+        """True when the job was canceled, expired, or handed to another attempt."""
+        status, owner, att = self.r.hmget(Keys.job(job_id), "status", "worker", "attempt")
+        return not (_s(status) == JobStatus.RUNNING.value and _s(owner) == worker
+                    and _s(att) == str(attempt))
+
+    def finish(self, job_id: str, attempt: int, worker: str, status: JobStatus,
+               images: Sequence[bytes] = (), error: tuple[str, str] | None = None) -> bool:
+        """running -> succeeded/failed with PNGs or an error; False when no longer ours."""
+        code, message = error if error else ("", "")
+        out = self._finish(
+            keys=[Keys.job(job_id), Keys.running, Keys.preview(job_id),
+                  *[Keys.image(job_id, n) for n in range(len(images))]],
+            args=[worker, str(attempt), status.value, repr(time.time()),
+                  self.settings.result_ttl, code, message[:2000], job_id, *images],
+        )
+        return bool(out)
+
+    def requeue(self, job_id: str, attempt: int, worker: str, *, lost: bool) -> str:
+        """Put a running job back at the front of the queue as attempt + 1.
+
+        `lost=True` (the reaper) counts a retry and fails the job `worker_lost` once
+        `max_retries` retries are used; `lost=False` (graceful shutdown) does not count.
+        Returns 'requeued', 'failed' or 'skip' (the job is no longer that attempt's).
+        """
+        key = Keys.job(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    status, owner, att, retries, params, hooks = (_s(v) for v in pipe.hmget(
+                        key, "status", "worker", "attempt", "retries", "params", "test_hooks"))
+                    if status != JobStatus.RUNNING.value or owner != worker or att != str(attempt):
+                        pipe.unwatch()
+                        return "skip"
+                    used = int(retries or 0)
+                    pipe.multi()
+                    if lost and used >= self.settings.max_retries:
+                        pipe.hset(key, mapping={
+                            "status": JobStatus.FAILED.value, "finished_at": repr(time.time()),
+                            "error_code": JobErrorCode.WORKER_LOST.value,
+                            "error_message": f"worker {worker} was lost; {used} retries used",
+                        })
+                        outcome = "failed"
+                    else:
+                        new = attempt + 1
+                        pipe.hset(key, mapping={
+                            "status": JobStatus.QUEUED.value, "attempt": str(new),
+                            "retries": str(used + 1 if lost else used),
+                            "rq_id": rq_job_id(job_id, new),
+                            "worker": "", "started_at": "", "progress": "0", "has_preview": "0",
+                        })
+                        pipe.delete(Keys.preview(job_id))
+                        self._enqueue(pipe, job_id, new, json.loads(params or "{}"),
+                                      json.loads(hooks) if hooks else None, at_front=True)
+                        outcome = "requeued"
+                    pipe.srem(Keys.running, job_id)
+                    pipe.execute()
+                    logger.warning("job %s attempt %d on worker %s: %s (%s)", job_id, attempt,
+                                   worker, outcome, "worker lost" if lost else "shutdown")
+                    return outcome
+                except redis.WatchError:
+                    continue
+
+    # ----------------------------------------------------------------- liveness
+    def heartbeat(self, name: str, info: dict[str, Any], model: dict[str, Any] | None) -> None:
+        """Refresh this worker's key (and its model's) for one heartbeat TTL."""
+        ttl = self.settings.heartbeat_ttl_ms
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.set(Keys.worker(name), json.dumps(info), px=ttl)
+            pipe.zadd(Keys.workers, {name: time.time()})
+            if model is not None:
+                pipe.set(Keys.model(model["id"]), json.dumps(model), px=ttl)
+            pipe.execute()
+
+    def remove_worker(self, name: str) -> None:
+        """Forget a worker that exits cleanly (its model key expires on its own)."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.delete(Keys.worker(name))
+            pipe.zrem(Keys.workers, name)
+            pipe.execute()
+
+    def live_workers(self) -> list[dict[str, Any]]:
+        """Info of every worker whose heartbeat key is alive."""
+        self.r.zremrangebyscore(Keys.workers, "-inf", time.time() - WORKER_FORGET_S)
+        names = [_s(n) for n in self.r.zrange(Keys.workers, 0, -1)]
+        if not names:
+            return []
+        values = self.r.mget([Keys.worker(n) for n in names if n])
+        return [json.loads(v) for v in values if v is not None]
+
+    def models(self) -> list[dict[str, Any]]:
+        """Models served by live workers (one entry per model id)."""
+        ids = sorted({w["model_id"] for w in self.live_workers() if w.get("model_id")})
+        if not ids:
+            return []
+        values = self.r.mget([Keys.model(i) for i in ids])
+        return [json.loads(v) for v in values if v is not None]
+
+    def reap(self) -> list[tuple[str, str]]:
+        """Requeue or fail running jobs whose worker key expired; return (job, outcome)."""
+        done: list[tuple[str, str]] = []
+        for raw in self.r.smembers(Keys.running):
+            job_id = _s(raw) or ""
+            status, worker, attempt, started = (_s(v) for v in self.r.hmget(
+                Keys.job(job_id), "status", "worker", "attempt", "started_at"))
+            if status != JobStatus.RUNNING.value:
+                self.r.srem(Keys.running, job_id)
+                continue
+            beat = self.r.get(Keys.worker(worker)) if worker else None
+            if beat is not None:
+                info = json.loads(beat)
+                # Alive and still on this job, or its last beat predates the claim.
+                if info.get("job") == job_id or float(info.get("ts", 0)) <= float(started or 0):
+                    continue
+            outcome = self.requeue(job_id, int(attempt or 1), worker or "", lost=True)
+            done.append((job_id, outcome))
+        return done
+
+    def try_reaper_lock(self, interval: float) -> bool:
+        """At most one sweep per interval across all processes sharing this Redis."""
+        token = uuid.uuid4().hex
+        return bool(self.r.set(Keys.reaper_lock, token, nx=True, px=max(1, int(interval * 1000))))
+
+    # ----------------------------------------------------------------- rate limit
+    def rate_hit(self, who: str, limit: int, now: float | None = None) -> int | None:
+        """Count one request in this minute's window; seconds to wait when over `limit`."""
+        now = time.time() if now is None else now
+        window = int(now // 60)
+        key = Keys.rate(who, window)
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 61)
+            count, _ = pipe.execute()
+        if int(count) > limit:
+            return max(1, math.ceil((window + 1) * 60 - now))
+        return None
+
+
+class IdempotencyConflict(ProtocolError):
+    """The Idempotency-Key was used before with a different body (holds the old job id)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"Idempotency-Key already used for job {job_id} with another body")
+        self.job_id = job_id
+
+
+def redis_connection(settings: Settings, *, blocking: bool = False) -> redis.Redis:
+    """A Redis client for the service: bytes in and out, short connect timeout.
+
+    `blocking=True` (the RQ worker's connection) leaves the read timeout to RQ, whose
+    BLMOVE waits longer than any fixed socket timeout we would pick.
+    """
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2.0,
+        socket_timeout=None if blocking else 5.0,
+        health_check_interval=30,
+        # One quick retry covers a pooled socket that died with a Redis restart; more would
+        # only delay the 503 a client gets while Redis is down.
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
+    )

@@ -1,0 +1,177 @@
+"""`promptpix worker`: load the checkpoint once, then serve the `generate` queue.
+
+A non-forking RQ worker (CUDA cannot be used in a forked child), plus two daemon threads:
+the heartbeat (the worker's liveness key, its model, its current job) and the reaper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2  # bad settings, missing or corrupt checkpoint, bad device
+EXIT_METRICS = 3  # the metrics port is taken
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="promptpix worker",
+                                description="serve generation jobs from Redis with one model")
+    p.add_argument("--checkpoint", help="checkpoint file (default: PROMPTPIX_CHECKPOINT)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: PROMPTPIX_DEVICE or auto)")
+    p.add_argument("--name", help="worker name (default: host-pid-random)")
+    p.add_argument("--metrics-port", type=int,
+                   help="Prometheus port (default: PROMPTPIX_WORKER_METRICS_PORT; 0 = auto)")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _fail(message: str, code: int = EXIT_CONFIG) -> int:
+    print(f"promptpix worker: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a worker until SIGTERM/SIGINT (or an empty queue with --burst); exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pydantic import ValidationError
+
+    from .protocol import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        return _fail(f"invalid settings:\n{e}")
+    checkpoint = args.checkpoint or settings.checkpoint
+    if not checkpoint:
+        return _fail("no checkpoint: set PROMPTPIX_CHECKPOINT or pass --checkpoint")
+
+    import torch
+
+    from model import CheckpointError, load_checkpoint
+
+    device = args.device or settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as e:
+        return _fail(f"invalid device {device!r}: {e}")
+    t0 = time.perf_counter()
+    try:
+        model, meta = load_checkpoint(checkpoint, map_location=torch_device)
+    except CheckpointError as e:
+        return _fail(f"cannot load checkpoint: {e}")
+    except (RuntimeError, AssertionError) as e:  # e.g. cuda asked for on a machine without it
+        return _fail(f"cannot place the model on {device}: {e}")
+    model.eval()
+    info = model_info(model, meta)
+    logger.info("loaded %s (model %s, %d parameters) on %s in %.1f s", checkpoint, info["id"],
+                info["parameters"], device, time.perf_counter() - t0)
+    if settings.compile:
+        logger.warning("PROMPTPIX_COMPILE is set but compiled sampling is not wired in; "
+                       "running eager")
+    if settings.max_batch > 1:
+        logger.warning("PROMPTPIX_MAX_BATCH=%d: batching across jobs is not implemented; "
+                       "jobs run one at a time", settings.max_batch)
+    return serve(settings, model, info, device, args)
+
+
+def model_info(model: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """What `/v1/models` shows for this checkpoint (plain JSON types only)."""
+    c = model.config
+    val_bpd = meta.get("val_bpd")
+    return {
+        "id": str(meta["model_id"]), "image_size": int(c.image_size), "channels": int(c.channels),
+        "num_classes": int(c.num_classes), "parameters": int(meta.get("parameters") or 0),
+        "dataset": meta.get("dataset"), "steps": meta.get("steps"),
+        "val_bpd": None if val_bpd is None else float(val_bpd),
+        "default_guidance_scale": float(meta.get("default_guidance_scale") or 1.0),
+        "example_prompts": [str(x) for x in (meta.get("example_prompts") or [])][:20],
+    }
+
+
+def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
+          args: argparse.Namespace) -> int:
+    """Connect, publish liveness, and run the RQ loop until asked to stop."""
+    import redis
+    from rq import SimpleWorker
+    from rq.serializers import JSONSerializer
+
+    from . import jobs, metrics
+    from .protocol import QUEUE_NAME, JobStore, Periodic, redis_connection, start_reaper
+
+    port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
+    try:
+        port = metrics.serve_metrics(port)
+    except OSError as e:
+        return _fail(f"metrics port {port} unavailable ({e}); set PROMPTPIX_WORKER_METRICS_PORT "
+                     "to a free port or 0", EXIT_METRICS)
+    logger.info("worker metrics on port %d", port)
+    metrics.MODEL_LOADED.labels(info["id"]).set(1)
+
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    store = JobStore(redis_connection(settings), settings)
+    ctx = jobs.WorkerContext(store=store, settings=settings, model=model, model_info=info,
+                             worker_name=name)
+    jobs.set_context(ctx)
+
+    def beat() -> None:
+        store.heartbeat(name, {"name": name, "model_id": info["id"], "job": ctx.current_job,
+                               "ts": time.time(), "pid": os.getpid(),
+                               "host": socket.gethostname(), "device": device,
+                               "metrics_port": port}, info)
+
+    while True:  # wait for Redis rather than die: workers may start before it
+        try:
+            beat()
+            break
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            logger.warning("Redis %s unreachable (%s); retrying", settings.redis_url_safe, e)
+            time.sleep(min(5.0, settings.heartbeat_interval))
+    heart = Periodic("promptpix-heartbeat", settings.heartbeat_interval, beat)
+    heart.start()
+    reaper = start_reaper(store)
+
+    class PromptPixWorker(SimpleWorker):
+        """SimpleWorker: this worker's PROMPTPIX_JOB_TIMEOUT, and a deadline on shutdown."""
+
+        def execute_job(self, job: Any, queue: Any) -> None:
+            # The worker's own limit holds (it knows its hardware), not the submitter's.
+            job.timeout = settings.job_timeout
+            super().execute_job(job, queue)
+
+        def request_stop(self, signum: int, frame: FrameType | None) -> None:
+            if ctx.shutdown_deadline is None:
+                ctx.shutdown_deadline = time.monotonic() + settings.shutdown_grace
+                logger.info("worker %s: stopping; current job has %.0f s to finish", name,
+                            settings.shutdown_grace)
+            super().request_stop(signum, frame)
+
+    worker = PromptPixWorker([QUEUE_NAME], name=name, serializer=JSONSerializer,
+                             connection=redis_connection(settings, blocking=True))
+    logger.info("worker %s serving queue %r (model %s)", name, QUEUE_NAME, info["id"])
+    try:
+        worker.work(burst=args.burst, logging_level=args.log_level.upper())
+    finally:
+        heart.stop()
+        reaper.stop()
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            store.remove_worker(name)  # else its key expires by itself
+        jobs.set_context(None)
+        logger.info("worker %s stopped", name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
