@@ -19,6 +19,9 @@ class ModelConfig:
     hidden_dim: int = 256
     num_layers: int = 8
     num_heads: int = 8
+    # Multi-query attention by default: one key/value head shared by all query heads keeps
+    # the KV cache (and the memory read per sampled token) num_heads times smaller.
+    num_kv_heads: int = 1
     mlp_ratio: int = 4
     # Text encoder (flags named as in the original guide).
     use_text: bool = True
@@ -44,6 +47,10 @@ class ModelConfig:
         need(
             self.hidden_dim % self.num_heads == 0,
             f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}",
+        )
+        need(
+            self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,
+            f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}",
         )
         need(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
         need(

@@ -26,7 +26,7 @@ GATE_INIT_BIAS = -2.0  # sigmoid(-2) ~ 0.12: the text gate starts nearly closed
 
 
 class KVCache:
-    """Preallocated keys/values of one layer, written by position: (B, nh, T_max, hs)."""
+    """Preallocated keys/values of one layer, written by position: (B, nkv, T_max, hs)."""
 
     def __init__(self, B: int, nh: int, T: int, hs: int, device: torch.device, dtype: torch.dtype):
         self.k = torch.zeros(B, nh, T, hs, device=device, dtype=dtype)
@@ -43,34 +43,38 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, nh: int, dropout: float) -> None:
+    """Causal self-attention with `nkv` key/value heads shared by groups of query heads."""
+
+    def __init__(self, dim: int, nh: int, nkv: int, dropout: float) -> None:
         super().__init__()
-        self.nh, self.hs = nh, dim // nh
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.nh, self.nkv, self.hs = nh, nkv, dim // nh
+        self.qkv = nn.Linear(dim, dim + 2 * nkv * self.hs)
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.nh, self.hs).permute(2, 0, 3, 1, 4)
-        return q, k, v  # each (B, nh, S, hs)
-
-    def _out(self, y: torch.Tensor) -> torch.Tensor:
-        B, nh, S, hs = y.shape
-        return self.proj(y.transpose(1, 2).reshape(B, S, nh * hs))
-
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, t0: int = 0) -> torch.Tensor:
-        q, k, v = self._qkv(x)
+        B, S, D = x.shape
+        nh, nkv, hs = self.nh, self.nkv, self.hs
+        q, k, v = self.qkv(x).split([D, nkv * hs, nkv * hs], dim=-1)
+        k = k.view(B, S, nkv, hs).transpose(1, 2)  # (B, nkv, S, hs)
+        v = v.view(B, S, nkv, hs).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(t0, k, v)
-        # A single query at the end of the cache may see all of it; longer queries start at 0
-        # (training, prefill) and need the causal mask.
-        causal = q.shape[2] > 1
-        if causal and t0 != 0:
+            k, v = cache.update(t0, k, v)  # (B, nkv, t0+S, hs)
+        if S == 1:
+            # One new token: it may see the whole cache, and the nh/nkv query heads of a group
+            # are independent queries over the same keys, so they ride in the query-length
+            # dimension — no mask, no copy of the keys.
+            y = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hs), k, v)
+            return self.proj(y.reshape(B, 1, D))
+        if t0 != 0:
             raise PromptPixError("multi-token steps are only supported from position 0")
+        q = q.view(B, S, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
+        if nkv != nh:  # query head h reads key/value head h // (nh / nkv)
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=drop)
-        return self._out(y)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
 class CrossAttention(nn.Module):
@@ -106,7 +110,7 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
 class DecoderBlock(nn.Module):
@@ -116,7 +120,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         D = c.hidden_dim
         self.ln1 = nn.LayerNorm(D)
-        self.attn = SelfAttention(D, c.num_heads, c.dropout)
+        self.attn = SelfAttention(D, c.num_heads, c.num_kv_heads, c.dropout)
         self.cross: CrossAttention | None = None
         if c.use_text:
             self.ln2 = nn.LayerNorm(D)
@@ -226,6 +230,7 @@ class PromptPix(nn.Module):
         self.register_buffer("pos_col", (t // c.channels) % c.image_size, persistent=False)
         self.register_buffer("pos_chan", t % c.channels, persistent=False)
         self.caches: list[KVCache] | None = None
+        self._pos_table: torch.Tensor | None = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             # GPT-2: scale residual projections by depth so the stream's variance stays put.
@@ -295,6 +300,8 @@ class PromptPix(nn.Module):
 
     def _labels(self, class_labels: torch.Tensor | list[int] | None, B: int) -> torch.Tensor | None:
         if self.class_emb is None:
+            if class_labels is not None and bool((torch.as_tensor(class_labels) >= 0).any()):
+                raise PromptPixError("this model has no classes; class_labels must be None or -1")
             return None
         null = self.config.num_classes
         if class_labels is None:
@@ -393,11 +400,15 @@ class PromptPix(nn.Module):
         c = self.config
         hs = c.hidden_dim // c.num_heads
         self.caches = [
-            KVCache(batch_size, c.num_heads, c.seq_len, hs, self.device, dtype) for _ in self.blocks
+            KVCache(batch_size, c.num_kv_heads, c.seq_len, hs, self.device, dtype)
+            for _ in self.blocks
         ]
+        # Row + column + channel embeddings of every position, summed once, not per step.
+        self._pos_table = self._pos(0, c.seq_len).detach()
 
     def free_caches(self) -> None:
         self.caches = None
+        self._pos_table = None
 
     def prefill(
         self,
@@ -422,7 +433,7 @@ class PromptPix(nn.Module):
     ) -> torch.Tensor:
         """One step: input token (B,) at position t (the value of token t-1) -> logits (B, 256)."""
         assert self.caches is not None, "call setup_caches() first"
-        x = (self.value_emb(prev) + self._pos(t, t + 1) + cond)[:, None, :]  # (B, 1, D)
+        x = (self.value_emb(prev) + self._pos_table[t] + cond)[:, None, :]  # (B, 1, D)
         for i, block in enumerate(self.blocks):
             x = block(x, text[i] if text is not None else None, self.caches[i], t)
         return self._head(x, t)[:, 0]

@@ -129,3 +129,8 @@ def test_progress_every_row_and_stop(make_model):
 def test_bad_sampling_parameters_are_named(make_model, kw):
     with pytest.raises(PromptPixError, match=next(iter(kw)).split("_")[0]):
         make_model().generate(["x"], **kw)
+
+
+def test_class_label_on_a_classless_model_is_refused(make_model):
+    with pytest.raises(PromptPixError, match="no classes"):
+        make_model().generate(["x"], class_labels=[0])
