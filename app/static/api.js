@@ -1,0 +1,129 @@
+// The HTTP contract of API.md, and nothing about the page: every call goes through
+// request(), which adds the API key and turns an error body into an ApiError.
+
+const KEY_STORAGE = "promptpix.apiKey";
+
+/** An HTTP error as API.md writes it: {"error": {"code", "message", "field"}}. */
+export class ApiError extends Error {
+  constructor(status, code, message, { field = null, retryAfter = null } = {}) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status; // 0 when the server could not be reached at all
+    this.code = code;
+    this.field = field; // dotted path of the invalid field (422 only)
+    this.retryAfter = retryAfter; // seconds, from the Retry-After header
+  }
+}
+
+export function getApiKey() {
+  return localStorage.getItem(KEY_STORAGE) || "";
+}
+
+export function setApiKey(key) {
+  if (key) localStorage.setItem(KEY_STORAGE, key);
+  else localStorage.removeItem(KEY_STORAGE);
+}
+
+/** Retry-After is either delay-seconds or an HTTP date; returns whole seconds or null. */
+function parseRetryAfter(value) {
+  if (!value) return null;
+  const seconds = Number(value);
+  if (Number.isFinite(seconds)) return Math.max(0, Math.ceil(seconds));
+  const date = Date.parse(value);
+  return Number.isNaN(date) ? null : Math.max(0, Math.ceil((date - Date.now()) / 1000));
+}
+
+async function errorFrom(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    // Not JSON (a proxy's error page, say): the status line still says something.
+  }
+  const error = (body && body.error) || {};
+  return new ApiError(
+    response.status,
+    error.code || `http_${response.status}`,
+    error.message || response.statusText || `HTTP ${response.status}`,
+    {
+      field: error.field || null,
+      retryAfter: parseRetryAfter(response.headers.get("Retry-After")),
+    },
+  );
+}
+
+/** fetch() with the API key, no HTTP cache, and an ApiError for anything but 2xx. */
+export async function request(path, { method = "GET", body } = {}) {
+  const headers = {};
+  const key = getApiKey();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const init = { method, headers, cache: "no-store" };
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch {
+    throw new ApiError(0, "network_error", "The server cannot be reached.");
+  }
+  if (!response.ok) throw await errorFrom(response);
+  return response;
+}
+
+const jobPath = (id) => `/v1/generations/${encodeURIComponent(id)}`;
+
+/** The served models, whether the server lists them bare or under "models" / "data". */
+export async function listModels() {
+  const body = await (await request("/v1/models")).json();
+  if (Array.isArray(body)) return body;
+  return body.models || body.data || [];
+}
+
+export async function submitJob(params) {
+  return (await request("/v1/generations", { method: "POST", body: params })).json();
+}
+
+export async function jobStatus(id) {
+  return (await request(jobPath(id))).json();
+}
+
+export async function cancelJob(id) {
+  return (await request(jobPath(id), { method: "DELETE" })).json();
+}
+
+/**
+ * A PNG as a Blob. Images are fetched rather than put in <img src> because with API keys on
+ * they need the Authorization header, which an <img> cannot send.
+ * `bust` adds a query string so no cache in between can hand back an older preview.
+ */
+export async function fetchImage(url, { bust = false } = {}) {
+  const target = bust ? `${url}${url.includes("?") ? "&" : "?"}t=${Date.now()}` : url;
+  return (await request(target)).blob();
+}
+
+/** GET /readyz: {reachable, ready, reason}. It needs no key, and its 503 body says why. */
+export async function readiness() {
+  let response;
+  try {
+    response = await fetch("/readyz", { cache: "no-store" });
+  } catch {
+    return { reachable: false, ready: false, reason: "the server cannot be reached" };
+  }
+  if (response.ok) return { reachable: true, ready: true, reason: "" };
+  return { reachable: true, ready: false, reason: await reasonFrom(response) };
+}
+
+async function reasonFrom(response) {
+  const text = await response.text();
+  try {
+    const body = JSON.parse(text);
+    const reason = body.reason || body.detail || (body.error && body.error.message) || body.status;
+    if (typeof reason === "string") return reason;
+    if (Array.isArray(reason)) return reason.join("; ");
+  } catch {
+    // plain text
+  }
+  return text.trim() || `HTTP ${response.status}`;
+}

@@ -1,0 +1,369 @@
+// One card per job: polls its status, shows queue position, progress, the live preview,
+// then the final PNGs; keeps this browser's recent jobs in localStorage.
+
+import { cancelJob, fetchImage, jobStatus } from "./api.js";
+import { PARAM_FIELDS } from "./form.js";
+
+const HISTORY_KEY = "promptpix.jobs";
+const HISTORY_LIMIT = 20;
+const FINAL = new Set(["succeeded", "failed", "canceled", "expired"]);
+// Progress is written at most 4 times a second, so polling faster would show nothing new.
+const POLL_MS = { running: 300, queued: 1000, hidden: 4000, error: 2000 };
+const DISPLAY_PX = 128; // images are enlarged by a whole factor to about this many pixels
+
+/** The whole factor that brings `size` pixels nearest DISPLAY_PX without going over. */
+function scaleFor(size) {
+  return Math.max(1, Math.floor(DISPLAY_PX / Math.max(1, size)));
+}
+
+/** Enlarge an <img> by a whole factor once it has loaded (pixelated in CSS). */
+function enlarge(img) {
+  img.style.width = `${img.naturalWidth * scaleFor(img.naturalHeight)}px`;
+}
+
+/**
+ * Draw the preview strip (all images of the job side by side) on `canvas` as a grid of
+ * tiles that fits `box`, one pixel apart, enlarged like the final images will be.
+ */
+function drawPreview(canvas, strip, box) {
+  const size = strip.height;
+  const count = Math.max(1, Math.round(strip.width / size));
+  const scale = scaleFor(size);
+  const pitch = size + 1; // natural pixels from one tile to the next
+  const fit = Math.floor((box.clientWidth / scale + 1) / pitch);
+  const cols = Math.max(1, Math.min(count, fit));
+  canvas.width = cols * pitch - 1;
+  canvas.height = Math.ceil(count / cols) * pitch - 1;
+  canvas.style.width = `${canvas.width * scale}px`;
+  const ctx = canvas.getContext("2d");
+  for (let i = 0; i < count; i++) {
+    const x = (i % cols) * pitch;
+    const y = Math.floor(i / cols) * pitch;
+    ctx.drawImage(strip, i * size, 0, size, size, x, y, size, size);
+  }
+}
+
+function loadHistory() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(HISTORY_KEY) || "[]");
+    return Array.isArray(saved) ? saved.filter((r) => r && typeof r.id === "string") : [];
+  } catch {
+    return []; // a damaged entry must not stop the page
+  }
+}
+
+const plural = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
+
+function statusText(data) {
+  const retry = data.attempt > 1 ? ` (retry, attempt ${data.attempt})` : "";
+  switch (data.status) {
+    case "queued":
+      if (data.queue_position == null) return `Queued${retry}`;
+      if (data.queue_position === 0) return `Queued: next in line${retry}`;
+      return `Queued: ${plural(data.queue_position, "job")} ahead${retry}`;
+    case "running":
+      return `Sampling: ${Math.round((data.progress || 0) * 100)}%${retry}`;
+    case "succeeded":
+      return `Done: ${plural(data.images.length, "image")}`;
+    case "failed":
+      return "Failed";
+    case "canceled":
+      return "Canceled";
+    case "expired":
+      return "Expired: the server no longer keeps this job";
+    default:
+      return data.status;
+  }
+}
+
+/** A job's request body again, from the parameters the server reports it ran with. */
+function rerunParams(record) {
+  const params = { prompt: record.prompt };
+  for (const name of PARAM_FIELDS) if (name in record.params) params[name] = record.params[name];
+  if (Number.isInteger(record.params.class_label)) params.class_label = record.params.class_label;
+  return params;
+}
+
+class Job {
+  /**
+   * @param {object} record what is kept in localStorage: id, prompt, params, created_at, status
+   * @param {object} hooks onChange(job), onRerun(params, {newSeed}), onRemove(job), onAuthNeeded()
+   */
+  constructor(record, hooks) {
+    this.record = record;
+    this.hooks = hooks;
+    this.timer = null;
+    this.polling = false;
+    this.removed = false;
+    this.previewProgress = null; // progress of the preview on screen
+    this.imagesShown = false;
+    this.imageUrls = [];
+    this.card = this.build();
+  }
+
+  get id() {
+    return this.record.id;
+  }
+
+  get final() {
+    return FINAL.has(this.record.status);
+  }
+
+  /** Nothing more to fetch: final, and its images on screen if it succeeded. */
+  get done() {
+    return this.final && (this.record.status !== "succeeded" || this.imagesShown);
+  }
+
+  build() {
+    const template = document.getElementById("job-template");
+    const node = template.content.firstElementChild.cloneNode(true);
+    const part = (name) => node.querySelector(`.${name}`);
+    this.el = {
+      node,
+      status: part("job-status"),
+      progress: part("job-progress"),
+      preview: part("job-preview"),
+      previewCanvas: part("preview-canvas"),
+      images: part("job-images"),
+      error: part("job-error"),
+      cancel: part("cancel"),
+      sameSeed: part("same-seed"),
+      newSeed: part("new-seed"),
+      remove: part("remove"),
+      meta: part("job-meta"),
+    };
+    node.dataset.jobId = this.id;
+    const title = part("job-prompt");
+    title.id = `job-${this.id}-title`;
+    title.textContent = this.record.prompt;
+    part("job-card").setAttribute("aria-labelledby", title.id);
+    this.el.progress.setAttribute("aria-label", "Progress");
+    this.el.previewCanvas.setAttribute(
+      "aria-label",
+      `Preview of the rows sampled so far for: ${this.record.prompt}`,
+    );
+    const rerun = (newSeed) => this.hooks.onRerun(rerunParams(this.record), { newSeed });
+    this.el.cancel.addEventListener("click", () => this.cancel());
+    this.el.sameSeed.addEventListener("click", () => rerun(false));
+    this.el.newSeed.addEventListener("click", () => rerun(true));
+    this.el.remove.addEventListener("click", () => this.hooks.onRemove(this));
+    this.render({ status: this.record.status, images: [] });
+    return node;
+  }
+
+  renderMeta() {
+    const { params, created_at: createdAt } = this.record;
+    const parts = [];
+    if (params.seed != null) parts.push(`seed ${params.seed}`);
+    if (params.num_images != null) parts.push(plural(params.num_images, "image"));
+    if (createdAt) parts.push(new Date(createdAt).toLocaleTimeString());
+    this.el.meta.textContent = parts.join(" · ");
+  }
+
+  render(data) {
+    const { status } = data;
+    this.el.node.dataset.status = status;
+    this.el.status.textContent = statusText(data);
+    this.renderProgress(data);
+    const active = status === "queued" || status === "running";
+    this.el.cancel.hidden = !active;
+    this.el.sameSeed.hidden = active; // the parameters are kept here, even once expired
+    this.el.newSeed.hidden = active;
+    this.el.remove.hidden = active;
+    this.renderError(data.error);
+    this.renderMeta();
+  }
+
+  renderProgress({ status, progress }) {
+    const bar = this.el.progress;
+    if (status === "queued") {
+      bar.removeAttribute("value"); // indeterminate while waiting
+    } else if (status === "running") {
+      bar.value = progress || 0;
+    } else if (status === "succeeded") {
+      bar.value = 1;
+    }
+    bar.hidden = !(status === "queued" || status === "running" || status === "succeeded");
+  }
+
+  renderError(error) {
+    this.el.error.hidden = !error;
+    this.el.error.textContent = error ? `${error.message} (${error.code})` : "";
+  }
+
+  setStatus(status) {
+    if (this.record.status === status) return;
+    this.record.status = status;
+    this.hooks.onChange(this);
+  }
+
+  /** Apply one GET /v1/generations/{id} answer. */
+  async apply(data) {
+    // An answer that left the server before a cancel's must not bring the job back.
+    if (this.final && !FINAL.has(data.status)) return;
+    if (data.params) this.record.params = { ...this.record.params, ...data.params };
+    this.setStatus(data.status);
+    this.render(data);
+    const previewDue = data.progress > 0 && data.progress !== this.previewProgress;
+    if (data.status === "running" && data.preview_url && previewDue) {
+      await this.refreshPreview(data);
+    }
+    if (data.status === "succeeded" && !this.imagesShown) await this.showImages(data.images);
+    // A canceled or failed job keeps its last preview: it shows how far it got.
+    if (data.status === "succeeded") this.el.preview.hidden = true;
+  }
+
+  /** The preview is a nicety: a failed fetch is retried at the next poll, not reported. */
+  async refreshPreview(data) {
+    let strip;
+    try {
+      strip = await createImageBitmap(await fetchImage(data.preview_url, { bust: true }));
+    } catch {
+      return;
+    }
+    if (!this.imagesShown) {
+      // (unless the job finished while the preview was on its way)
+      this.previewProgress = data.progress;
+      this.el.preview.hidden = false;
+      drawPreview(this.el.previewCanvas, strip, this.el.preview);
+      this.el.previewCanvas.dataset.progress = String(data.progress);
+    }
+    strip.close();
+  }
+
+  async showImages(urls) {
+    const blobs = await Promise.all(urls.map((url) => fetchImage(url)));
+    this.imagesShown = true;
+    this.el.images.replaceChildren(...blobs.map((blob, n) => this.imageItem(blob, n)));
+  }
+
+  imageItem(blob, n) {
+    const url = URL.createObjectURL(blob);
+    this.imageUrls.push(url);
+    const img = document.createElement("img");
+    img.className = "pixelated";
+    img.alt = `Image ${n + 1} for: ${this.record.prompt}`;
+    img.addEventListener("load", () => enlarge(img));
+    img.src = url;
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = `promptpix-${this.id.slice(0, 8)}-${n}.png`;
+    link.textContent = `Download image ${n + 1}`;
+    const caption = document.createElement("figcaption");
+    caption.append(link);
+    const figure = document.createElement("figure");
+    figure.append(img, caption);
+    const item = document.createElement("li");
+    item.append(figure);
+    return item;
+  }
+
+  /** Poll until done; a 404 means it expired (or belongs to another key). */
+  async poll() {
+    clearTimeout(this.timer);
+    if (this.polling) return; // the answer on its way schedules the next poll
+    this.polling = true;
+    let delay;
+    try {
+      const data = await jobStatus(this.id);
+      await this.apply(data);
+      delay = POLL_MS[data.status] || POLL_MS.error;
+    } catch (error) {
+      delay = this.pollFailed(error);
+    } finally {
+      this.polling = false;
+    }
+    if (!this.done && !this.removed) {
+      if (document.hidden) delay = Math.max(delay, POLL_MS.hidden);
+      this.timer = setTimeout(() => this.poll(), delay);
+    }
+  }
+
+  /** Show a failed poll in the card; returns the delay before the next try. */
+  pollFailed(error) {
+    if (error.status === 404) {
+      this.setStatus("expired");
+      this.render({ status: "expired", images: [] });
+      return 0;
+    }
+    if (error.status === 401) this.hooks.onAuthNeeded();
+    const last = statusText({ status: this.record.status, images: [] });
+    this.el.status.textContent = `${last} (update failed: ${error.message})`;
+    return (error.retryAfter ?? 0) * 1000 || POLL_MS.error;
+  }
+
+  async cancel() {
+    this.el.cancel.disabled = true;
+    try {
+      await this.apply(await cancelJob(this.id));
+    } catch (error) {
+      // 409 not_cancelable: it finished first; the next poll shows how.
+      this.renderError({ message: error.message, code: error.code });
+      this.poll();
+    } finally {
+      this.el.cancel.disabled = false;
+    }
+  }
+
+  dispose() {
+    this.removed = true;
+    clearTimeout(this.timer);
+    for (const url of this.imageUrls) URL.revokeObjectURL(url);
+    this.el.node.remove();
+  }
+}
+
+/** The list of this browser's jobs, newest first, mirrored to localStorage. */
+export class JobList {
+  constructor(listEl, emptyEl, { onRerun, onAuthNeeded }) {
+    this.listEl = listEl;
+    this.emptyEl = emptyEl;
+    this.jobs = [];
+    this.hooks = {
+      onChange: () => this.save(),
+      onRerun,
+      onAuthNeeded,
+      onRemove: (job) => this.remove(job),
+    };
+  }
+
+  restore() {
+    for (const record of loadHistory().reverse()) this.add(record);
+  }
+
+  /** Add a job (newest first) and start following it. */
+  add(record) {
+    const job = new Job({ params: {}, ...record }, this.hooks);
+    this.jobs.unshift(job);
+    this.listEl.prepend(job.card);
+    for (const old of this.jobs.slice(HISTORY_LIMIT)) this.remove(old);
+    this.save();
+    if (job.record.status !== "expired") job.poll();
+    return job;
+  }
+
+  remove(job) {
+    job.dispose();
+    this.jobs = this.jobs.filter((j) => j !== job);
+    this.save();
+  }
+
+  clearFinished() {
+    for (const job of this.jobs.filter((j) => j.final)) this.remove(job);
+  }
+
+  /** Poll again the jobs that stopped on an error (after a new API key, say). */
+  resume() {
+    for (const job of this.jobs) if (!job.done) job.poll();
+  }
+
+  save() {
+    this.emptyEl.hidden = this.jobs.length > 0;
+    const records = this.jobs.slice(0, HISTORY_LIMIT).map((job) => job.record);
+    try {
+      localStorage.setItem(HISTORY_KEY, JSON.stringify(records));
+    } catch {
+      // Storage full or disabled: the history is a convenience, the page works without it.
+    }
+  }
+}

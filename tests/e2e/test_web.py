@@ -1,0 +1,321 @@
+"""The web page in headless Chromium against a real API, a real worker and a real Redis.
+
+One scenario, as a user would go through it: the page says the service is not ready (no
+worker yet) and that the server wants an API key; the user gives the key, provokes a
+validation error, sees the banner go when the worker comes up, tabs through the form,
+submits a prompt from the keyboard and gets its images, downloads one, reproduces it with
+"same seed again", watches a long job's progress and live preview and cancels it, reloads
+(the history stays), and looks at the page on a phone-width screen. The finished page is
+saved as docs/screenshot.png."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app.redis_server import free_port
+from tests.worker.helpers import ROOT, Proc, make_tiny_checkpoint, start_api, start_worker
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api",
+    reason="Playwright for Python is not installed (`pip install playwright`): "
+    "the web page was not tested in a browser",
+)
+expect = sync_api.expect
+Page = sync_api.Page
+Locator = sync_api.Locator
+
+API_KEY = "e2e-secret-key"
+SCREENSHOT = ROOT / "docs" / "screenshot.png"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+PROMPT = "a red square"
+# 16×16 images: 16 rows of progress each, enough to watch, and cheap on a CPU. The
+# weights are barely trained (the images are noise): what is tested is the page.
+IMAGE_SIZE = 16
+TRAIN_STEPS = 3
+# The job to cancel asks for many images (with guidance: twice the batch) so that it is
+# surely still sampling when the test cancels it (it costs nothing more: it is canceled).
+CANCEL_IMAGES = 256
+
+# Records what the page shows of each job, keyed by job id, however quickly the worker
+# samples: every value its progress bar takes and the progress of every preview it draws.
+RECORD_PAGE = """
+window.__progress = {};
+window.__previews = {};
+const jobOf = (el) => el.closest("[data-job-id]").dataset.jobId;
+const note = (log, id, value) => (log[id] = log[id] || []).push(value);
+new MutationObserver((records) => {
+  for (const { target } of records) {
+    if (target instanceof HTMLProgressElement && target.hasAttribute("value")) {
+      note(window.__progress, jobOf(target), target.value);
+    } else if (target.matches(".preview-canvas")) {
+      note(window.__previews, jobOf(target), Number(target.dataset.progress));
+    }
+  }
+}).observe(document, { subtree: true, attributes: true,
+                       attributeFilter: ["value", "data-progress"] });
+"""
+
+
+def newest_job(page: Page) -> tuple[str, Locator]:
+    """The id and the list item of the job card at the top of the list."""
+    job_id = page.locator("[data-job-id]").first.get_attribute("data-job-id")
+    return job_id, page.locator(f'[data-job-id="{job_id}"]')
+
+
+def find_chromium() -> str | None:
+    for candidate in ("/usr/bin/chromium", "chromium", "chromium-browser"):
+        path = shutil.which(candidate)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[sync_api.Browser]:
+    """Headless Debian Chromium driven by Playwright; skip, naming what is missing."""
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("Chromium is not installed (`apt-get install chromium`); "
+                    "the web page was not tested in a browser")
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("web") / "tiny.pth"
+    return make_tiny_checkpoint(path, steps=TRAIN_STEPS, image_size=IMAGE_SIZE)
+
+
+class Service:
+    """A real API (keys on) on a free port; the worker is started when the test says so."""
+
+    def __init__(self, redis_url: str, checkpoint: Path, logs: Path) -> None:
+        self.redis_url = redis_url
+        self.checkpoint = checkpoint
+        self.logs = logs
+        self.procs: list[Proc] = []
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/"
+        self.procs.append(start_api(redis_url, port, logs / "api.log",
+                                    PROMPTPIX_API_KEYS=API_KEY,
+                                    PROMPTPIX_MAX_IMAGES=str(CANCEL_IMAGES)))
+
+    def start_worker(self) -> None:
+        self.procs.append(start_worker(self.redis_url, self.checkpoint, self.logs / "worker.log"))
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        for proc in self.procs:  # shown by pytest only when the test fails
+            print(f"--- {proc.log_path.name} (exit {proc.proc.returncode}) ---")
+            print(proc.log()[-3000:])
+
+
+@pytest.fixture
+def service(redis_url: str, checkpoint: Path, tmp_path: Path) -> Iterator[Service]:
+    running = Service(redis_url, checkpoint, tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@dataclass
+class Seen:
+    """What the page showed of one job (from RECORD_PAGE)."""
+
+    progress: list[float] = field(default_factory=list)
+    previews: list[float] = field(default_factory=list)
+
+
+def seen(page: Page, job_id: str) -> Seen:
+    return Seen(page.evaluate("id => window.__progress[id] || []", job_id),
+                page.evaluate("id => window.__previews[id] || []", job_id))
+
+
+def give_key_while_not_ready(page: Page, service: Service) -> None:
+    """No worker yet: a banner says so; keys are on: the page asks for one."""
+    expect(page.locator("#ready-banner")).to_contain_text("not ready")
+    expect(page.locator("#form-error")).to_contain_text("needs an API key")
+    service.start_worker()
+    page.get_by_label("API key", exact=True).fill(API_KEY)
+    page.get_by_role("button", name="Save key").click()
+    expect(page.get_by_role("status").filter(has_text="Key saved")).to_be_visible()
+
+
+def provoke_validation_error(page: Page) -> None:
+    """A value the server rejects: its 422 is shown next to the field it names."""
+    page.get_by_label("Prompt", exact=True).fill(PROMPT)
+    temperature = page.get_by_label("Temperature")
+    temperature.fill("5")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_role("alert").filter(has_text="Temperature")).to_be_visible()
+    expect(temperature).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#temperature-error")).to_be_visible()
+    expect(temperature).to_be_focused()
+    temperature.fill("1")
+
+
+def wait_until_ready(page: Page) -> None:
+    """The worker comes up: the banner goes and its model's example prompts appear."""
+    expect(page.locator("#ready-banner")).to_be_hidden()
+    examples = page.get_by_role("list", name="Example prompts")
+    expect(examples.get_by_role("button", name=PROMPT, exact=True)).to_be_visible()
+    expect(page.locator("#model-info")).to_contain_text(f"{IMAGE_SIZE}×{IMAGE_SIZE}")
+
+
+def check_keyboard_order(page: Page) -> None:
+    """Tab walks the form in reading order, and the focused control shows a focus ring."""
+    page.get_by_label("Prompt", exact=True).focus()
+    names = []
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        names.append(page.evaluate(
+            "() => { const el = document.activeElement;"
+            " return (el.labels && el.labels[0] || el).textContent.trim(); }"))
+        outline = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
+        assert outline != "none", f"no visible focus on {names[-1]!r}"
+    assert names == ["a red square", "a blue square", "Number of images", "Temperature",
+                     "Top-k", "Top-p", "Guidance scale", "Seed", "Random seed", "Generate"]
+
+
+def download_first_image(page: Page, job: Locator) -> Image.Image:
+    """Click "Download image 1" of `job`; return the PNG as a Pillow image."""
+    with page.expect_download() as download:
+        job.get_by_role("link", name="Download image 1").click()
+    data = Path(download.value.path()).read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    return Image.open(io.BytesIO(data))
+
+
+def generate_from_keyboard(page: Page) -> tuple[str, Locator]:
+    """A real job, submitted with Ctrl+Enter: its images appear, enlarged and crisp."""
+    page.get_by_label("Number of images").fill("8")
+    page.get_by_label("Guidance scale").fill("3")
+    page.get_by_label("Seed").fill("7")
+    page.get_by_label("Prompt", exact=True).press("Control+Enter")
+    expect(page.get_by_role("article", name=PROMPT)).to_have_count(1)
+    expect(page.locator("#form-error")).to_be_hidden()
+    job_id, job = newest_job(page)
+    expect(job.get_by_role("status")).to_have_text("Done: 8 images")
+    images = job.get_by_role("list").get_by_role("img")
+    expect(images).to_have_count(8)
+    for n in range(8):
+        assert images.nth(n).evaluate("img => img.complete && img.naturalWidth") == IMAGE_SIZE
+    assert images.first.evaluate("img => img.getBoundingClientRect().width") >= 4 * IMAGE_SIZE
+    assert images.first.evaluate("img => getComputedStyle(img).imageRendering") == "pixelated"
+    progress = seen(page, job_id).progress
+    assert progress == sorted(progress) and progress[-1] == 1, f"progress: {progress}"
+    expect(job.locator(".job-preview")).to_be_hidden()  # the final images replace it
+    return job_id, job
+
+
+def same_seed_again(page: Page, job: Locator, png: Image.Image) -> str:
+    """ "Same seed again" puts the parameters back in the form and reproduces the images."""
+    job.get_by_role("button", name="Same seed again").click()
+    expect(page.get_by_role("article", name=PROMPT)).to_have_count(2)
+    again_id, again = newest_job(page)
+    expect(page.get_by_label("Seed")).to_have_value("7")
+    expect(again.get_by_role("status")).to_have_text("Done: 8 images")
+    assert download_first_image(page, again).tobytes() == png.tobytes()
+    return again_id
+
+
+def queue_and_cancel(page: Page) -> None:
+    """While the worker is busy, a new job shows its place in the queue; canceled there."""
+    page.get_by_label("Number of images").fill("1")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_role("article", name=PROMPT)).to_have_count(4)
+    job_id, job = newest_job(page)
+    expect(job.get_by_role("status")).to_have_text("Queued: next in line")
+    job.get_by_role("button", name="Cancel").click()
+    expect(job.get_by_role("status")).to_have_text("Canceled")
+    job.get_by_role("button", name="Remove").click()
+    expect(page.locator(f'[data-job-id="{job_id}"]')).to_have_count(0)
+
+
+def watch_and_cancel(page: Page) -> str:
+    """A long job: progress rises and the live preview is drawn while it samples; another
+    job queues behind it; then it is canceled, and keeps the preview of how far it got."""
+    page.get_by_label("Number of images").fill(str(CANCEL_IMAGES))
+    page.get_by_label("Guidance scale").fill("2")
+    page.get_by_role("button", name="Random seed").click()
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_role("article", name=PROMPT)).to_have_count(3)
+    job_id, job = newest_job(page)
+    page.wait_for_function("id => (window.__previews[id] || []).length > 0", arg=job_id)
+    expect(job.get_by_role("status")).to_contain_text("Sampling: ")
+    queue_and_cancel(page)
+    job.get_by_role("button", name="Cancel").click()
+    expect(job.get_by_role("status")).to_have_text("Canceled")
+    progress = seen(page, job_id).progress
+    assert any(0 < p < 1 for p in progress), f"no progress between 0 and 1 shown: {progress}"
+    assert progress == sorted(progress), f"the progress shown went down: {progress}"
+    preview = job.get_by_role("img", name="Preview of the rows sampled so far")
+    expect(preview).to_be_visible()
+    assert 0 < float(preview.get_attribute("data-progress")) < 1
+    expect(job.get_by_role("button", name="Cancel")).to_be_hidden()
+    expect(job.get_by_role("button", name="Same seed again")).to_be_visible()
+    return job_id
+
+
+def check_phone_width(page: Page) -> None:
+    """On a phone-width screen: one column, nothing wider than the screen."""
+    page.set_viewport_size({"width": 375, "height": 812})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    lefts = page.locator(".panel").evaluate_all(
+        "panels => panels.map((p) => Math.round(p.getBoundingClientRect().left))")
+    assert len(set(lefts)) == 1, f"the panels are not in one column: {lefts}"
+
+
+def test_web_page_end_to_end(browser: sync_api.Browser, service: Service) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(30_000)
+    context.add_init_script(RECORD_PAGE)
+    page = context.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    try:
+        page.goto(service.url)
+        give_key_while_not_ready(page, service)
+        provoke_validation_error(page)
+        wait_until_ready(page)
+        check_keyboard_order(page)
+
+        first_id, first = generate_from_keyboard(page)
+        png = download_first_image(page, first)
+        assert png.size == (IMAGE_SIZE, IMAGE_SIZE)
+        assert PROMPT in json.dumps(png.text), f"the prompt is not in the PNG's text: {png.text}"
+        again_id = same_seed_again(page, first, png)
+        canceled_id = watch_and_cancel(page)
+        expect(first.get_by_role("list").get_by_role("img")).to_have_count(8)  # untouched
+
+        # The history survives a reload (localStorage): same jobs, same order, same states.
+        page.reload()
+        ids = page.locator("[data-job-id]").evaluate_all("els => els.map((e) => e.dataset.jobId)")
+        assert ids == [canceled_id, again_id, first_id]
+        expect(page.locator(f'[data-job-id="{canceled_id}"]').get_by_role("status")
+               ).to_have_text("Canceled")
+        expect(first.get_by_role("list").get_by_role("img")).to_have_count(8)
+
+        page.get_by_label("Prompt", exact=True).fill(PROMPT)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.locator("body").click(position={"x": 1, "y": 1})  # no focus ring in the picture
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        check_phone_width(page)
+        assert page_errors == [], f"JavaScript errors on the page: {page_errors}"
+    finally:
+        context.close()

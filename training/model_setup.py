@@ -1,0 +1,112 @@
+"""Building the model a run trains: tokenizer and frequency prior from the training split
+(fresh run), or the checkpoint's model and train_state (resume)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from . import distributed as D
+from .config import TrainConfig
+from .data import scan_training_split
+
+log = logging.getLogger(__name__)
+
+# TrainConfig fields that are ModelConfig fields of the same name (ARCHITECTURE.md).
+MODEL_FIELDS = ("image_size", "hidden_dim", "num_layers", "text_embed_dim", "num_text_layers",
+                "text_nhead", "max_text_length", "use_frequency_prior", "use_text",
+                "text_encoder", "dropout")
+
+
+def model_config_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    return {name: getattr(cfg, name) for name in MODEL_FIELDS}
+
+
+def _distinct(captions: list[str], n: int) -> list[str]:
+    seen: list[str] = []
+    for c in captions:
+        if c and c not in seen:
+            seen.append(c)
+        if len(seen) == n:
+            break
+    return seen
+
+
+def build_fresh_model(cfg: TrainConfig, train_ds: Dataset, d: D.DistInfo
+                      ) -> tuple[torch.nn.Module, list[str]]:
+    """Scan the training split (rank 0), build tokenizer + model, set the frequency prior.
+
+    Rank 0 alone scans and builds the tokenizer; the others receive the prior and the
+    tokenizer's JSON, so every rank holds exactly the same vocabulary and prior.
+    """
+    from model import ModelConfig, PromptPix
+    from model.tokenizers import build_tokenizer, tokenizer_from_json
+
+    payload: Any = None
+    if d.master:
+        prior, captions = scan_training_split(
+            train_ds, cfg.prior_samples, cfg.seed, cfg.batch_size, cfg.num_workers,
+            count_prior=cfg.use_frequency_prior, show=True)
+        tok_json = None
+        if cfg.use_text:
+            tok = build_tokenizer(kind=cfg.tokenizer, captions=captions,
+                                  vocab_size=cfg.vocab_size)
+            tok_json = tok.to_json()
+        payload = (prior, tok_json, _distinct(captions, 8))
+    prior, tok_json, examples = D.broadcast_object(payload)
+    tokenizer = tokenizer_from_json(tok_json) if tok_json is not None else None
+
+    kwargs = model_config_kwargs(cfg)
+    kwargs["channels"] = int(getattr(train_ds, "channels", 3))
+    kwargs["num_classes"] = int(getattr(train_ds, "num_classes", 0)) if cfg.class_cond else 0
+    if tokenizer is not None:
+        # --vocab_size caps the vocabulary built from captions; the embedding table is sized
+        # to what was actually built (a 50257-row table for a 40-word grammar is dead weight).
+        kwargs["vocab_size"] = min(cfg.vocab_size, len(tokenizer))
+    config = ModelConfig(**kwargs)
+    model = PromptPix(config, tokenizer=tokenizer)
+    if cfg.use_frequency_prior and prior is not None:
+        model.set_frequency_prior(prior)
+    if d.master:
+        n = sum(p.numel() for p in model.parameters())
+        log.info("model: %.2fM parameters, %d tokens per image, text=%s classes=%d",
+                 n / 1e6, config.seq_len, config.use_text, config.num_classes)
+    return model, examples
+
+
+def load_for_resume(path: Path, cfg: TrainConfig, master: bool
+                    ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """The checkpoint's model (architecture from the file, not the flags) and its train_state."""
+    from model import CheckpointError, load_checkpoint
+
+    model, meta = load_checkpoint(path, map_location="cpu")
+    train_state = meta.get("train_state")
+    if not train_state:
+        raise CheckpointError(
+            f"{path} has no train_state (best_model.pth files omit it); resume from latest.pth")
+    if master:
+        saved = model.config.to_dict()
+        differ = [f"--{k}" for k, v in model_config_kwargs(cfg).items()
+                  if k in saved and saved[k] != v and k != "dropout"]
+        if differ:
+            log.warning("resuming %s: the checkpoint's architecture wins over %s",
+                        path, ", ".join(differ))
+        if meta.get("dataset") not in (None, cfg.dataset):
+            log.warning("resuming a %s checkpoint on dataset %s", meta.get("dataset"),
+                        cfg.dataset)
+    return model, meta, train_state
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-1 of every parameter and buffer's bytes: equal across ranks iff DDP is in sync."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        h.update(raw.numpy().tobytes())
+    return h.hexdigest()
