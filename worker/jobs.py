@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 import torch
 from rq.timeouts import JobTimeoutException
 
-from model import GenerationStopped, PromptPix
+from model import PromptPix
+from model.compile import StaticDecoder
+from model.sampling import SampleRequest, generate_batch
 
 from . import metrics
 from .images import grey_preview, preview_png, result_pngs
@@ -26,6 +28,7 @@ from .protocol import (
     JobPayload,
     JobStatus,
     JobStore,
+    PayloadError,
     Settings,
     parse_payload,
     rq_job_id,
@@ -43,8 +46,11 @@ class WorkerContext:
     model: PromptPix
     model_info: dict[str, Any]
     worker_name: str
-    current_job: str | None = None
+    # Jobs being sampled now (one, or a batch). Replaced, never mutated, so the heartbeat
+    # thread always reads a consistent list.
+    current_jobs: list[str] = field(default_factory=list)
     shutdown_deadline: float | None = None  # monotonic; set by SIGTERM
+    decoder: StaticDecoder | None = None  # compiled decode (PROMPTPIX_COMPILE on CUDA)
 
 
 _context: WorkerContext | None = None
@@ -105,29 +111,63 @@ class _Attempt:
 
 
 def generate(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run one attempt of a job; record its outcome in the job hash.
+    """Run one attempt of a job (with PROMPTPIX_MAX_BATCH > 1, of queued jobs behind it too).
 
-    Failures are recorded (`timeout`, `out_of_memory`, `model_error`) and then re-raised so
-    RQ records them too; the worker keeps serving either way.
+    Outcomes are recorded per job in its hash. Failures (`timeout`, `out_of_memory`,
+    `model_error`) end every job of the batch and are re-raised so RQ records them too;
+    the worker keeps serving either way.
     """
     ctx = get_context()
     p = parse_payload(payload)
-    job_id, attempt, worker = p.job_id, p.attempt, ctx.worker_name
-    store = ctx.store
-    info = ctx.model_info
     # Announce the job in the heartbeat before claiming: the reaper then never sees a fresh
     # heartbeat without the job it just took.
-    ctx.current_job = job_id
+    ctx.current_jobs = [p.job_id]
     try:
-        claimed = store.claim(job_id, rq_job_id(job_id, attempt), worker,
-                              {"id": info["id"], "image_size": info["image_size"],
-                               "channels": info["channels"]})
+        claimed = ctx.store.claim(p.job_id, rq_job_id(p.job_id, p.attempt), ctx.worker_name,
+                                  _model_ref(ctx))
         if claimed != "ok":
-            logger.info("job %s attempt %d skipped: %s", job_id, attempt, claimed)
-            return {"job_id": job_id, "skipped": claimed}
-        return _run(ctx, p)
+            logger.info("job %s attempt %d skipped: %s", p.job_id, p.attempt, claimed)
+            return {"job_id": p.job_id, "skipped": claimed}
+        batch = [p, *_take_mates(ctx, ctx.settings.max_batch - p.params.num_images)]
+        return _run(ctx, batch)
     finally:
-        ctx.current_job = None
+        ctx.current_jobs = []
+
+
+def _model_ref(ctx: WorkerContext) -> dict[str, Any]:
+    info = ctx.model_info
+    return {"id": info["id"], "image_size": info["image_size"], "channels": info["channels"]}
+
+
+def _take_mates(ctx: WorkerContext, budget: int) -> list[JobPayload]:
+    """Claim queued jobs, in queue order, while their images fit in `budget`.
+
+    Stops at the first job that does not fit, so no job is overtaken by a later one."""
+    mates: list[JobPayload] = []
+    if budget < 1:
+        return mates
+    try:
+        head = ctx.store.queued_head(budget)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        logger.warning("not batching: Redis %s", e)
+        return mates
+    for raw in head:
+        try:
+            m = parse_payload(raw)
+        except PayloadError as e:
+            logger.warning("not batching a queued job with a bad payload: %s", e)
+            break  # RQ delivers it alone later, and the usual path records the failure
+        if m.params.num_images > budget:
+            break
+        ctx.current_jobs = [*ctx.current_jobs, m.job_id]  # announce before claiming
+        outcome = ctx.store.take(m.job_id, rq_job_id(m.job_id, m.attempt), ctx.worker_name,
+                                 _model_ref(ctx))
+        if outcome != "ok":
+            ctx.current_jobs = [j for j in ctx.current_jobs if j != m.job_id]
+            continue
+        mates.append(m)
+        budget -= m.params.num_images
+    return mates
 
 
 def _fail(ctx: WorkerContext, p: JobPayload, code: JobErrorCode, message: str) -> None:
@@ -138,69 +178,117 @@ def _fail(ctx: WorkerContext, p: JobPayload, code: JobErrorCode, message: str) -
                  "" if recorded else " (no longer ours; not recorded)")
 
 
-def _run(ctx: WorkerContext, p: JobPayload) -> dict[str, Any]:
-    job_id, attempt, params = p.job_id, p.attempt, p.params
-    store, info = ctx.store, ctx.model_info
-    job = store.get(job_id) or {}
+def _start(ctx: WorkerContext, p: JobPayload) -> None:
+    """Queue-wait metric and the all-grey first preview of a claimed job."""
+    info, params = ctx.model_info, p.params
+    job = ctx.store.get(p.job_id) or {}
     if job.get("created_at") and job.get("started_at"):
         metrics.QUEUE_WAIT.observe(max(0.0, float(job["started_at"]) - float(job["created_at"])))
-    size, channels = info["image_size"], info["channels"]
-    store.write_progress(job_id, attempt, ctx.worker_name, 0.0,
-                         grey_preview(params.num_images, channels, size))
-    run = _Attempt(ctx, p)
-    seeds = params.image_seeds()
-    logger.info("job %s attempt %d running: %d image(s), seed %d", job_id, attempt,
+    ctx.store.write_progress(p.job_id, p.attempt, ctx.worker_name, 0.0,
+                             grey_preview(params.num_images, info["channels"],
+                                          info["image_size"]))
+    logger.info("job %s attempt %d running: %d image(s), seed %d", p.job_id, p.attempt,
                 params.num_images, params.seed)
+
+
+def _request(p: JobPayload, run: _Attempt) -> SampleRequest:
+    params = p.params
+    return SampleRequest(
+        [params.prompt], num_images=params.num_images,
+        class_labels=None if params.class_label is None else [params.class_label],
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+        guidance_scale=params.guidance_scale, seed=params.image_seeds(),
+        progress=run.progress, should_stop=run.should_stop)
+
+
+def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
+    """Sample every claimed job of `batch` in one sampling batch; record each outcome."""
+    info, primary = ctx.model_info, batch[0]
+    runnable: list[JobPayload] = []
+    bad_primary: ValueError | None = None
+    for p in batch:
+        _start(ctx, p)
+        label = p.params.class_label
+        if label is not None and label >= info["num_classes"]:
+            err = ValueError(f"class_label {label} is not a class of model {info['id']} "
+                             f"({info['num_classes']} classes)")
+            _fail(ctx, p, JobErrorCode.MODEL_ERROR, f"ValueError: {err}")
+            bad_primary = err if p is primary else bad_primary
+        else:
+            runnable.append(p)
+    if not runnable and bad_primary is not None:
+        raise bad_primary
+    if len(runnable) > 1:
+        logger.info("batch of %d jobs (%d images): %s", len(runnable),
+                    sum(p.params.num_images for p in runnable),
+                    " ".join(p.job_id for p in runnable))
+    metrics.BATCH_JOBS.observe(len(runnable))
+    runs = [_Attempt(ctx, p) for p in runnable]
     start = time.perf_counter()
     try:
-        if params.class_label is not None and params.class_label >= info["num_classes"]:
-            raise ValueError(f"class_label {params.class_label} is not a class of model "
-                             f"{info['id']} ({info['num_classes']} classes)")
-        images = ctx.model.generate(
-            [params.prompt], num_images=params.num_images,
-            class_labels=None if params.class_label is None else [params.class_label],
-            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-            guidance_scale=params.guidance_scale, seed=seeds,
-            progress=run.progress, should_stop=run.should_stop,
-        )
-    except GenerationStopped:
-        if run.shutdown:
-            outcome = store.requeue(job_id, attempt, ctx.worker_name, lost=False)
-            logger.warning("job %s attempt %d stopped for shutdown: %s", job_id, attempt, outcome)
-            return {"job_id": job_id, "requeued": outcome}
-        logger.info("job %s attempt %d stopped: canceled or handed on", job_id, attempt)
-        metrics.JOBS_COMPLETED.labels(JobStatus.CANCELED.value).inc()
-        return {"job_id": job_id, "stopped": True}
+        requests = [_request(p, r) for p, r in zip(runnable, runs, strict=True)]
+        results = generate_batch(ctx.model, requests, decoder=ctx.decoder)
     except JobTimeoutException:
-        _fail(ctx, p, JobErrorCode.TIMEOUT,
-              f"the job ran longer than PROMPTPIX_JOB_TIMEOUT={ctx.settings.job_timeout} s")
+        for p in runnable:
+            _fail(ctx, p, JobErrorCode.TIMEOUT,
+                  f"the job ran longer than PROMPTPIX_JOB_TIMEOUT={ctx.settings.job_timeout} s")
         raise
     except torch.cuda.OutOfMemoryError as e:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        _fail(ctx, p, JobErrorCode.OUT_OF_MEMORY, f"out of GPU memory: {str(e)[:500]}")
+        for p in runnable:
+            _fail(ctx, p, JobErrorCode.OUT_OF_MEMORY, f"out of GPU memory: {str(e)[:500]}")
         raise
     except SystemExit:
-        # A second SIGTERM (cold shutdown): hand the job on rather than leave it running.
-        store.requeue(job_id, attempt, ctx.worker_name, lost=False)
+        # A second SIGTERM (cold shutdown): hand the jobs on rather than leave them running.
+        for p in runnable:
+            ctx.store.requeue(p.job_id, p.attempt, ctx.worker_name, lost=False)
         raise
     except Exception as e:
-        # Whatever the model raised, the job must not stay `running` behind a live worker.
-        _fail(ctx, p, JobErrorCode.MODEL_ERROR, f"{type(e).__name__}: {str(e)[:1000]}")
+        # Whatever the model raised, no job may stay `running` behind a live worker.
+        for p in runnable:
+            _fail(ctx, p, JobErrorCode.MODEL_ERROR, f"{type(e).__name__}: {str(e)[:1000]}")
         raise
     elapsed = time.perf_counter() - start
+    size, channels = info["image_size"], info["channels"]
+    total_tokens = sum(p.params.num_images for p in runnable) * size * size * channels
+    records = {p.job_id: _record(ctx, p, run, images, elapsed)
+               for p, run, images in zip(runnable, runs, results, strict=True)}
+    # RQ's return value: the primary job's outcome as before, plus the batch's others.
+    out: dict[str, Any] = {"job_id": primary.job_id, **records.get(primary.job_id, {})}
+    if len(runnable) > 1:
+        out["batch"] = records
+    metrics.TOKENS_PER_S.set(total_tokens / max(elapsed, 1e-9))
+    if bad_primary is not None:
+        raise bad_primary
+    return out
+
+
+def _record(ctx: WorkerContext, p: JobPayload, run: _Attempt, images: torch.Tensor | None,
+            elapsed: float) -> dict[str, Any]:
+    """Finish one job of a batch: PNGs, or requeue/cancel when its sampling was stopped."""
+    job_id, attempt, params, store = p.job_id, p.attempt, p.params, ctx.store
+    if images is None:
+        if run.shutdown:
+            outcome = store.requeue(job_id, attempt, ctx.worker_name, lost=False)
+            logger.warning("job %s attempt %d stopped for shutdown: %s", job_id, attempt, outcome)
+            return {"requeued": outcome}
+        logger.info("job %s attempt %d stopped: canceled or handed on", job_id, attempt)
+        metrics.JOBS_COMPLETED.labels(JobStatus.CANCELED.value).inc()
+        return {"stopped": True}
     params_public = params.model_dump(mode="json")
     params_public.pop("prompt")
-    pngs = result_pngs(images, params.prompt, seeds, params_public, info["id"])
+    seeds = params.image_seeds()
+    pngs = result_pngs(images, params.prompt, seeds, params_public, ctx.model_info["id"])
     ok = store.finish(job_id, attempt, ctx.worker_name, JobStatus.SUCCEEDED, images=pngs)
-    tokens = params.num_images * size * size * channels
+    info = ctx.model_info
+    tokens = params.num_images * info["image_size"] ** 2 * info["channels"]
     metrics.GENERATION.observe(elapsed)
     metrics.TOKENS.inc(tokens)
     metrics.IMAGES.inc(params.num_images)
-    metrics.TOKENS_PER_S.set(tokens / max(elapsed, 1e-9))
     metrics.JOBS_COMPLETED.labels(
         JobStatus.SUCCEEDED.value if ok else JobStatus.CANCELED.value).inc()
     logger.info("job %s attempt %d %s in %.2f s (%s)", job_id, attempt,
                 "succeeded" if ok else "finished but was no longer ours", elapsed,
                 json.dumps({"tokens_per_s": round(tokens / max(elapsed, 1e-9))}))
-    return {"job_id": job_id, "images": len(pngs) if ok else 0}
+    return {"images": len(pngs) if ok else 0}

@@ -21,6 +21,8 @@ GENERATION = Histogram("promptpix_generation_seconds", "Sampling time of a job",
 TOKENS = Counter("promptpix_tokens_generated_total", "Sub-pixel tokens sampled")
 IMAGES = Counter("promptpix_images_generated_total", "Images generated")
 TOKENS_PER_S = Gauge("promptpix_sampling_tokens_per_second", "Sub-pixels per second, last job")
+BATCH_JOBS = Histogram("promptpix_batch_jobs", "Jobs sampled together in one batch",
+                       buckets=(1, 2, 4, 8, 16, 32, 64))
 MODEL_LOADED = Gauge("promptpix_model_loaded", "1 when the model is loaded", ["checkpoint_id"])
 
 

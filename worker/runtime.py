@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pydantic import ValidationError
 
-    from .protocol import Settings
+    from .protocol import Settings, describe_settings_error
 
     try:
         settings = Settings()
     except ValidationError as e:
-        return _fail(f"invalid settings:\n{e}")
+        return _fail(f"invalid settings:\n{describe_settings_error(e)}")
     checkpoint = args.checkpoint or settings.checkpoint
     if not checkpoint:
         return _fail("no checkpoint: set PROMPTPIX_CHECKPOINT or pass --checkpoint")
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     info = model_info(model, meta)
     logger.info("loaded %s (model %s, %d parameters) on %s in %.1f s", checkpoint, info["id"],
                 info["parameters"], device, time.perf_counter() - t0)
-    if settings.compile:
-        logger.warning("PROMPTPIX_COMPILE is set but compiled sampling is not wired in; "
-                       "running eager")
-    if settings.max_batch > 1:
-        logger.warning("PROMPTPIX_MAX_BATCH=%d: batching across jobs is not implemented; "
-                       "jobs run one at a time", settings.max_batch)
-    return serve(settings, model, info, device, args)
+    from model.compile import compiled_decoder
+
+    decoder, why = compiled_decoder(model, settings.compile)
+    log = logger.warning if settings.compile and decoder is None else logger.info
+    log("sampling: %s; up to %d image(s) per batch (PROMPTPIX_MAX_BATCH)", why,
+        settings.max_batch)
+    return serve(settings, model, info, device, args, decoder)
 
 
 def model_info(model: Any, meta: dict[str, Any]) -> dict[str, Any]:
@@ -102,10 +102,11 @@ def model_info(model: Any, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
-          args: argparse.Namespace) -> int:
+          args: argparse.Namespace, decoder: Any = None) -> int:
     """Connect, publish liveness, and run the RQ loop until asked to stop."""
     import redis
     from rq import SimpleWorker
+    from rq.exceptions import StopRequested
     from rq.serializers import JSONSerializer
 
     from . import jobs, metrics
@@ -123,11 +124,13 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
     name = args.name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     store = JobStore(redis_connection(settings), settings)
     ctx = jobs.WorkerContext(store=store, settings=settings, model=model, model_info=info,
-                             worker_name=name)
+                             worker_name=name, decoder=decoder)
     jobs.set_context(ctx)
 
     def beat() -> None:
-        store.heartbeat(name, {"name": name, "model_id": info["id"], "job": ctx.current_job,
+        current = ctx.current_jobs  # one read: the job thread replaces the list, never edits it
+        store.heartbeat(name, {"name": name, "model_id": info["id"],
+                               "job": current[0] if current else None, "jobs": current,
                                "ts": time.time(), "pid": os.getpid(),
                                "host": socket.gethostname(), "device": device,
                                "metrics_port": port}, info)
@@ -158,11 +161,30 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
                             settings.shutdown_grace)
             super().request_stop(signum, frame)
 
-    worker = PromptPixWorker([QUEUE_NAME], name=name, serializer=JSONSerializer,
-                             connection=redis_connection(settings, blocking=True))
     logger.info("worker %s serving queue %r (model %s)", name, QUEUE_NAME, info["id"])
+    rounds = 0
     try:
-        worker.work(burst=args.burst, logging_level=args.log_level.upper())
+        while True:
+            # RQ's loop quits on any error it does not handle itself, such as Redis going
+            # away in the middle of a job (recording the job's end needs Redis). The model
+            # stays loaded: wait for Redis and serve again in this process. A fresh RQ name
+            # per round, because the crashed round could not register its death.
+            rq_name = name if rounds == 0 else f"{name}-r{rounds}"
+            worker = PromptPixWorker([QUEUE_NAME], name=rq_name, serializer=JSONSerializer,
+                                     connection=redis_connection(settings, blocking=True))
+            try:
+                worker.work(burst=args.burst, logging_level=args.log_level.upper())
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                logger.warning("worker %s: RQ loop lost Redis (%s)", name, e)
+            if args.burst or ctx.shutdown_deadline is not None:
+                break
+            logger.warning("worker %s: RQ loop ended without a stop request; serving again "
+                           "once Redis answers", name)
+            if not _wait_for_redis(store, ctx):
+                break
+            rounds += 1
+    except StopRequested:
+        pass  # SIGTERM while waiting for Redis: RQ's handler is still installed
     finally:
         heart.stop()
         reaper.stop()
@@ -171,6 +193,20 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
         jobs.set_context(None)
         logger.info("worker %s stopped", name)
     return 0
+
+
+def _wait_for_redis(store: Any, ctx: Any, every: float = 0.5) -> bool:
+    """Block until Redis answers (True) or a stop is requested (False)."""
+    import redis
+
+    time.sleep(every)  # also paces restarts if RQ's loop keeps failing for another reason
+    while ctx.shutdown_deadline is None:
+        try:
+            store.r.ping()
+            return True
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(every)
+    return False
 
 
 if __name__ == "__main__":

@@ -142,12 +142,13 @@ def wait_worker_ready(redis_url: str, proc: Proc, before: set[str] | None = None
     return str(wait_for(ready, timeout, "a worker heartbeat", every=0.2))
 
 
-def start_api(redis_url: str, port: int, log: Path, **env: str) -> Proc:
+def start_api(redis_url: str, port: int, log: Path, log_level: str = "warning",
+              access_log: bool = False, **env: str) -> Proc:
     """A real `promptpix serve` (uvicorn) process on 127.0.0.1:`port`, ready to answer."""
     e = base_env(redis_url, **FAST_LIVENESS)
     e.update(env)
     proc = Proc([sys.executable, "-m", "app.serve", "--port", str(port), "--log-level",
-                 "warning", "--no-access-log"], e, log)
+                 log_level, *([] if access_log else ["--no-access-log"])], e, log)
 
     def up() -> bool:
         if not proc.alive():

@@ -22,7 +22,7 @@ from .schema import (
     parse_payload,
     rq_job_id,
 )
-from .settings import Settings, get_settings
+from .settings import Settings, describe_settings_error, get_settings
 from .store import IdempotencyConflict, JobStore, redis_connection
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "ProtocolError",
     "Settings",
     "canonical_json",
+    "describe_settings_error",
     "get_settings",
     "parse_payload",
     "reap_once",

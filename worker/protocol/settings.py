@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .schema import HEARTBEAT_TTL_FACTOR
@@ -52,9 +52,11 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
-        if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+        scheme = urlsplit(v).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            # Name the scheme only: the URL may carry the Redis password.
             raise ValueError(
-                f"PROMPTPIX_REDIS_URL must be redis://, rediss:// or unix://, got {v!r}")
+                f"PROMPTPIX_REDIS_URL must be redis://, rediss:// or unix://, got {scheme!r}")
         return v
 
     @field_validator("api_keys")
@@ -95,6 +97,19 @@ class Settings(BaseSettings):
         host = parts.hostname or ""
         netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
         return urlunsplit(parts._replace(netloc=netloc))
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """A `Settings` validation error as text without the offending values.
+
+    pydantic's own text repeats each input (`input_value=...`), which would print API keys
+    and Redis passwords to logs; this names the variable and the problem only.
+    """
+    lines = []
+    for err in error.errors(include_url=False, include_input=False):
+        field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        lines.append(f"  PROMPTPIX_{field.upper()}: {err.get('msg', 'invalid value')}")
+    return "\n".join(lines)
 
 
 @lru_cache

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from .schema import (
@@ -43,6 +44,23 @@ local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id')
 if not s[1] then return 'missing' end
 if s[1] ~= 'queued' then return s[1] end
 if s[2] ~= ARGV[1] then return 'stale' end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3],
+           'progress', '0', 'model', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[5])
+return 'ok'
+"""
+
+# A queued job taken straight from the queue into a running batch (PROMPTPIX_MAX_BATCH):
+# its queue entry and RQ job go, so no other worker pops it. LREM finding nothing means
+# another worker popped it first: that one claims it the usual way.
+# KEYS: job hash, running set, queue list, RQ job hash. ARGV as _CLAIM.
+_TAKE = """
+local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id')
+if not s[1] then return 'missing' end
+if s[1] ~= 'queued' then return s[1] end
+if s[2] ~= ARGV[1] then return 'stale' end
+if redis.call('LREM', KEYS[3], 1, ARGV[1]) == 0 then return 'gone' end
+redis.call('DEL', KEYS[4])
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3],
            'progress', '0', 'model', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[5])
@@ -112,6 +130,7 @@ class JobStore:
         self._progress = connection.register_script(_PROGRESS)
         self._finish = connection.register_script(_FINISH)
         self._cancel = connection.register_script(_CANCEL)
+        self._take = connection.register_script(_TAKE)
 
     # ----------------------------------------------------------------- submit side
     def _enqueue(self, pipe: Any, job_id: str, attempt: int, params: dict[str, Any],
@@ -213,6 +232,32 @@ class JobStore:
         """queued -> running for this RQ attempt; 'ok', or why the entry must be skipped."""
         out = self._claim(keys=[Keys.job(job_id), Keys.running],
                           args=[rq_id, worker, repr(time.time()), json.dumps(model), job_id])
+        return _s(out) or "missing"
+
+    def queued_head(self, limit: int) -> list[dict[str, Any]]:
+        """Payloads (`JobPayload` dicts) of the first `limit` queued jobs, in queue order."""
+        out: list[dict[str, Any]] = []
+        for raw in self.r.lrange(self.queue.key, 0, max(0, limit - 1)):
+            rq_id = _s(raw) or ""
+            job_id, sep, att = rq_id.rpartition("-a")
+            if not sep or not att.isdigit():
+                continue
+            status, current, params, hooks = (_s(v) for v in self.r.hmget(
+                Keys.job(job_id), "status", "rq_id", "params", "test_hooks"))
+            if status != JobStatus.QUEUED.value or current != rq_id or not params:
+                continue
+            payload: dict[str, Any] = {"job_id": job_id, "attempt": int(att),
+                                       "params": json.loads(params)}
+            if hooks:
+                payload["test_hooks"] = json.loads(hooks)
+            out.append(payload)
+        return out
+
+    def take(self, job_id: str, rq_id: str, worker: str, model: dict[str, Any]) -> str:
+        """Claim a job still waiting in the queue (removing its entry); 'ok' or why not."""
+        out = self._take(keys=[Keys.job(job_id), Keys.running, self.queue.key,
+                               Job.key_for(rq_id)],
+                         args=[rq_id, worker, repr(time.time()), json.dumps(model), job_id])
         return _s(out) or "missing"
 
     def write_progress(self, job_id: str, attempt: int, worker: str, progress: float,
@@ -337,8 +382,10 @@ class JobStore:
             beat = self.r.get(Keys.worker(worker)) if worker else None
             if beat is not None:
                 info = json.loads(beat)
-                # Alive and still on this job, or its last beat predates the claim.
-                if info.get("job") == job_id or float(info.get("ts", 0)) <= float(started or 0):
+                # Alive and still on this job (batches list all theirs in `jobs`), or its
+                # last beat predates the claim.
+                mine = info.get("jobs") or [info.get("job")]
+                if job_id in mine or float(info.get("ts", 0)) <= float(started or 0):
                     continue
             outcome = self.requeue(job_id, int(attempt or 1), worker or "", lost=True)
             done.append((job_id, outcome))
