@@ -1,7 +1,12 @@
 """Checkpoint format: one `.pth` of tensors and plain containers, loaded `weights_only`.
 
     {"format_version": int, "config": dict, "tokenizer": JSON str | None,
-     "state_dict": {name: tensor}, "meta": dict, "train_state": dict (latest.pth only)}
+     "state_dict": {name: tensor}, "meta": dict, "train_state": dict (latest.pth only),
+     "text_encoder": dict (minilm only: package, version, weights_sha256)}
+
+A frozen pretrained encoder's weights are not in "state_dict": they are read from the
+installed package at load time, after checking its weights' SHA-256 against the recorded
+one; every other weight still loads strictly. A fine-tuned encoder's weights are stored.
 
 A hostile file cannot run code (`torch.load(weights_only=True)`); a corrupt, truncated or
 mismatched file raises one `CheckpointError` that names the file and what is wrong.
@@ -49,14 +54,55 @@ def unwrap(model: nn.Module) -> PromptPix:
     return model
 
 
-def model_id(state_dict: dict[str, torch.Tensor]) -> str:
-    """Content hash of the weights (names, shapes, dtypes, bytes): 16 hex digits."""
+def model_id(state_dict: dict[str, torch.Tensor], encoder_sha256: str = "") -> str:
+    """Content hash of the weights (names, shapes, dtypes, bytes): 16 hex digits.
+
+    `encoder_sha256` names the frozen pretrained weights a checkpoint leaves out, so two
+    decoders trained on different encoders never share an id.
+    """
     h = hashlib.sha256()
+    if encoder_sha256:
+        h.update(f"text_encoder:{encoder_sha256};".encode())
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint stores: all but a frozen pretrained encoder's (CPU copies)."""
+    m = unwrap(model)
+    skip = m.package_state_keys()
+    return {k: v.detach().cpu().clone() for k, v in m.state_dict().items() if k not in skip}
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` strictly, except for the frozen encoder's keys, which must be absent.
+
+    Raises CheckpointError naming missing or unexpected keys, or a shape mismatch.
+    """
+    m = unwrap(model)
+    external = m.package_state_keys()
+    want = set(m.state_dict()) - external
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights do not match the config: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]}" + (" (a frozen pretrained encoder's weights are never stored)"
+                                   if set(unexpected) & external else ""))
+    try:
+        m.load_state_dict(state, strict=not external)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"weights do not match the config: {e}") from e
+
+
+def _encoder_record(m: PromptPix) -> dict[str, Any] | None:
+    if not (m.config.use_text and m.config.text_encoder == "minilm"):
+        return None
+    from .pretrained import encoder_record
+
+    return encoder_record()
 
 
 def save_checkpoint(
@@ -73,9 +119,12 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "config": m.config.to_dict(),
         "tokenizer": m.tokenizer.to_json() if m.tokenizer is not None else None,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in m.state_dict().items()},
+        "state_dict": checkpoint_state(m),
         "meta": dict(meta or {}),
     }
+    record = _encoder_record(m)
+    if record is not None:
+        payload["text_encoder"] = record
     if train_state is not None:
         payload["train_state"] = train_state
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -133,20 +182,45 @@ def load_checkpoint(
     except PromptPixError as e:
         raise CheckpointError(f"{path}: {e}") from e
     state = payload["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: state_dict must be a dict")
+    encoder_sha = _check_encoder(path, model, payload.get("text_encoder"))
     try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: weights do not match its config: {e}") from e
+        load_model_state(model, state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     model.to(map_location).eval()
     meta = {**META_DEFAULTS, **payload["meta"]}
     meta.update(
         config=config.to_dict(),
         tokenizer=tokenizer.kind if tokenizer is not None else None,
-        model_id=model_id(state),
+        model_id=model_id(state, encoder_sha),
         format_version=payload["format_version"],
         parameters=model.num_parameters(),
     )
+    if payload.get("text_encoder") is not None:
+        meta["text_encoder"] = payload["text_encoder"]
     if "train_state" in payload:
         meta["train_state"] = payload["train_state"]
     model.default_guidance_scale = float(meta["default_guidance_scale"])
     return model, meta
+
+
+def _check_encoder(path: Path, model: PromptPix, record: Any) -> str:
+    """For a frozen pretrained encoder: the installed weights must be the recorded ones.
+
+    Returns their SHA-256 (part of the model id), or "" when the file holds every weight.
+    """
+    if not model.package_state_keys():
+        return ""
+    from .pretrained import weights_sha256
+
+    if not isinstance(record, dict) or not record.get("weights_sha256"):
+        raise CheckpointError(f"{path}: a minilm checkpoint must record its text_encoder")
+    have = weights_sha256()
+    if record["weights_sha256"] != have:
+        raise CheckpointError(
+            f"{path} was trained on {record.get('package')} {record.get('version')} whose "
+            f"weights have sha256 {record['weights_sha256'][:12]}…, but the installed "
+            f"package's weights have sha256 {have[:12]}…; install the recorded version")
+    return have

@@ -8,6 +8,10 @@ from typing import Any
 from .errors import CheckpointError, PromptPixError
 
 TEXT_ENCODERS = ("scratch", "minilm")
+# all-MiniLM-L6-v2's width and position table: a minilm model's text_embed_dim and the
+# most tokens a prompt may keep (model/pretrained.py loads the weights).
+MINILM_WIDTH = 384
+MINILM_MAX_LENGTH = 512
 
 
 @dataclass
@@ -26,6 +30,8 @@ class ModelConfig:
     # Text encoder (flags named as in the original guide).
     use_text: bool = True
     text_encoder: str = "scratch"
+    # minilm only: train the pretrained encoder too (its weights then go in the checkpoint).
+    finetune_text_encoder: bool = False
     vocab_size: int = 50257
     text_embed_dim: int = 512
     num_text_layers: int = 6
@@ -65,6 +71,17 @@ class ModelConfig:
             )
             need(self.max_text_length >= 2, "max_text_length must be >= 2")
             need(self.vocab_size >= 4, "vocab_size must be >= 4")
+        if self.use_text and self.text_encoder == "minilm":
+            need(
+                self.text_embed_dim == MINILM_WIDTH,
+                f"text_embed_dim must be {MINILM_WIDTH} (MiniLM's width) for text_encoder "
+                f"'minilm', got {self.text_embed_dim}",
+            )
+            need(
+                2 <= self.max_text_length <= MINILM_MAX_LENGTH,
+                f"max_text_length must be in 2..{MINILM_MAX_LENGTH} for text_encoder 'minilm', "
+                f"got {self.max_text_length}",
+            )
         need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
 

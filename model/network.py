@@ -197,11 +197,20 @@ class PromptPix(nn.Module):
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
         super().__init__()
         c = self.config = config
-        if c.use_text and c.text_encoder != "scratch":
-            raise PromptPixError(f"text_encoder {c.text_encoder!r} is not available in this build")
+        pretrained = c.use_text and c.text_encoder == "minilm"
+        if pretrained:
+            # Imported here: a scratch model never touches the package or transformers.
+            from .pretrained import MiniLMTokenizer, PretrainedTextEncoder
+
+            if tokenizer is None:
+                tokenizer = MiniLMTokenizer.from_package()
+            if not isinstance(tokenizer, MiniLMTokenizer):
+                raise PromptPixError(
+                    f"text_encoder 'minilm' brings its own WordPiece tokenizer; got a "
+                    f"{tokenizer.kind!r} tokenizer")
         if c.use_text and tokenizer is None:
             raise PromptPixError("a text-conditioned model needs a tokenizer")
-        if tokenizer is not None and len(tokenizer) > c.vocab_size:
+        if not pretrained and tokenizer is not None and len(tokenizer) > c.vocab_size:
             raise PromptPixError(
                 f"tokenizer has {len(tokenizer)} entries but vocab_size is {c.vocab_size}"
             )
@@ -214,8 +223,10 @@ class PromptPix(nn.Module):
         self.chan_emb = nn.Embedding(c.channels, D)
         # Class slot num_classes is the "no class" (unconditional) embedding.
         self.class_emb = nn.Embedding(c.num_classes + 1, D) if c.num_classes > 0 else None
+        if c.use_text and not pretrained:
+            self.text: nn.Module = TextEncoder(c)
         if c.use_text:
-            self.text = TextEncoder(c)
+            # Project the text states (text_embed_dim: 384 for MiniLM) into the decoder.
             self.text_to_cond = nn.Linear(c.text_embed_dim, D)
             self.text_to_ctx = nn.Linear(c.text_embed_dim, D)
         self.blocks = nn.ModuleList(DecoderBlock(c) for _ in range(c.num_layers))
@@ -240,6 +251,9 @@ class PromptPix(nn.Module):
             if block.cross is not None:
                 nn.init.zeros_(block.gate.weight)
                 nn.init.constant_(block.gate.bias, GATE_INIT_BIAS)
+        if pretrained:
+            # Attached after the init above, which would overwrite the pretrained weights.
+            self.text = PretrainedTextEncoder(finetune=c.finetune_text_encoder)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -258,6 +272,14 @@ class PromptPix(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def package_state_keys(self) -> set[str]:
+        """State-dict keys a checkpoint leaves out: the frozen encoder's, read from its
+        package at load time (90 MB that never change would otherwise fill every file)."""
+        c = self.config
+        if not (c.use_text and c.text_encoder == "minilm") or c.finetune_text_encoder:
+            return set()
+        return {k for k in self.state_dict() if k.startswith("text.bert.")}
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt strings -> ids (B, L) and mask (B, L) on the model's device."""

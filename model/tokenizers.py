@@ -1,17 +1,22 @@
 """Text tokenizers that serialise into the checkpoint as JSON text.
 
 `word` is the seed's SimpleTokenizer (a vocabulary built from the training captions);
-`bpe` is a byte-level BPE trained on the captions with the `tokenizers` library. Both
-reserve ids 0..3 for `<pad> <unk> <bos> <eos>`, so an empty prompt encodes to
-`<bos> <eos>`: the unconditional input of classifier-free guidance.
+`bpe` is a byte-level BPE trained on the captions with the `tokenizers` library; `file` is
+a local tokenizer folder (`--tokenizer_path`: a GPT-2-style `tokenizer.json`, or
+`vocab.json` + `merges.txt`), its ids shifted up by 4. All reserve ids 0..3 for
+`<pad> <unk> <bos> <eos>`, so an empty prompt encodes to `<bos> <eos>`: the unconditional
+input of classifier-free guidance. (`minilm`, the pretrained encoder's WordPiece, lives in
+`model/pretrained.py`.)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -19,7 +24,7 @@ from .errors import CheckpointError, PromptPixError
 
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
 PAD, UNK, BOS, EOS = range(4)
-TOKENIZER_KINDS = ("word", "bpe")
+TOKENIZER_KINDS = ("word", "bpe")  # built from captions; "file" and "minilm" are loaded
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
 
 
@@ -117,6 +122,62 @@ class BPETokenizer(Tokenizer):
         return json.dumps({"kind": self.kind, "tokenizer": self.tok.to_str()})  # type: ignore[attr-defined]
 
 
+class FileTokenizer(Tokenizer):
+    """A tokenizer read from a local folder, used as it is (no lower-casing, no training).
+
+    Its ids are shifted up by len(SPECIALS): a GPT-2 vocabulary has no `<pad> <bos> <eos>`
+    of ours and its id 0..3 are ordinary symbols ("!", '"', ...), so sharing them would make
+    every prompt's `<bos>` read as "#". Serialised whole into the checkpoint, like `bpe`.
+    """
+
+    kind = "file"
+
+    def __init__(self, tok: object, source: str = "") -> None:
+        tok.no_padding()  # type: ignore[attr-defined]  # a saved tokenizer may pad/truncate
+        tok.no_truncation()  # type: ignore[attr-defined]
+        self.tok = tok
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(SPECIALS) + self.tok.get_vocab_size()  # type: ignore[attr-defined]
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids  # type: ignore[attr-defined]
+        return [i + len(SPECIALS) for i in ids]
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "source": self.source,
+                           "tokenizer": self.tok.to_str()})  # type: ignore[attr-defined]
+
+
+def load_tokenizer_dir(path: str | os.PathLike[str]) -> FileTokenizer:
+    """A GPT-2-style tokenizer folder: `tokenizer.json`, or `vocab.json` + `merges.txt`."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PromptPixError(f"tokenizer_path {str(folder)!r} is not a folder")
+    tok_json, vocab, merges = (folder / n for n in ("tokenizer.json", "vocab.json", "merges.txt"))
+    try:
+        if tok_json.is_file():
+            tok = HFTokenizer.from_file(str(tok_json))
+        elif vocab.is_file() and merges.is_file():
+            # What GPT-2's vocab.json + merges.txt mean: byte-level BPE, no prefix space.
+            tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+        else:
+            raise PromptPixError(
+                f"tokenizer_path {str(folder)!r} holds neither tokenizer.json nor "
+                f"vocab.json + merges.txt")
+    except PromptPixError:
+        raise
+    except Exception as e:  # tokenizers raises its own exception types for malformed files
+        raise PromptPixError(f"cannot read the tokenizer in {str(folder)!r}: {e}") from e
+    return FileTokenizer(tok, source=folder.name)
+
+
 def build_tokenizer(kind: str, captions: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a `kind` tokenizer on `captions`: at most `vocab_size` entries, specials included."""
     if kind == "word":
@@ -140,6 +201,17 @@ def tokenizer_from_json(text: str) -> Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             return BPETokenizer(HFTokenizer.from_str(data["tokenizer"]))
+        if kind == "file":
+            from tokenizers import Tokenizer as HFTokenizer
+
+            return FileTokenizer(HFTokenizer.from_str(data["tokenizer"]), data.get("source", ""))
+        if kind == "minilm":
+            # A reference to the pretrained encoder's package, whose vocabulary it checks.
+            from .pretrained import tokenizer_from_record
+
+            return tokenizer_from_record(data)
         raise ValueError(f"unknown tokenizer kind {kind!r}")
+    except PromptPixError as e:  # e.g. the minilm package is missing: say that, not "malformed"
+        raise CheckpointError(f"checkpoint tokenizer cannot be rebuilt: {e}") from e
     except (ValueError, KeyError, TypeError, Exception) as e:  # tokenizers raises its own types
         raise CheckpointError(f"checkpoint tokenizer is malformed: {e}") from e

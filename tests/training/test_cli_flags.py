@@ -72,7 +72,11 @@ def test_sample_prompts_list() -> None:
     (["--ema", "1"], "--ema"),
     (["--dataset", "mnist"], "--dataset"),
     (["--tokenizer", "gpt9"], "--tokenizer"),
-    (["--text_encoder", "minilm"], "--text_encoder"),
+    (["--text_encoder", "bert"], "--text_encoder"),
+    (["--text_encoder", "minilm", "--tokenizer_path", "."], "--tokenizer_path"),
+    (["--tokenizer_path", "/nonexistent/tok"], "--tokenizer_path"),
+    (["--finetune_text_encoder", "true"], "--finetune_text_encoder"),
+    (["--text_cache_size", "-1"], "--text_cache_size"),
     (["--text_embed_dim", "30", "--text_nhead", "8"], "--text_nhead"),
     (["--device", "tpu"], "--device"),
     (["--default_guidance_scale", "0.5"], "--default_guidance_scale"),
@@ -86,10 +90,11 @@ def test_bad_values_name_the_flag(argv: list[str], flag: str,
     assert flag in capsys.readouterr().err
 
 
-def test_minilm_message_is_clear(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        parse_train_args(["--text_encoder", "minilm"])
-    assert "not available" in capsys.readouterr().err
+def test_minilm_flags_parse() -> None:
+    # minilm brings its own width, so the scratch encoder's head check does not apply.
+    cfg = parse_train_args(["--text_encoder", "minilm", "--finetune_text_encoder", "true",
+                            "--text_embed_dim", "30", "--text_nhead", "8"])
+    assert (cfg.text_encoder, cfg.finetune_text_encoder) == ("minilm", True)
 
 
 def test_model_shape_errors_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
