@@ -30,12 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pydantic import ValidationError
 
-    from worker.protocol import Settings
+    from worker.protocol import Settings, describe_settings_error
 
     try:
         settings = Settings()
     except ValidationError as e:
-        print(f"promptpix serve: invalid settings:\n{e}", file=sys.stderr)
+        print(f"promptpix serve: invalid settings:\n{describe_settings_error(e)}",
+              file=sys.stderr)
         return 2
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Must be set before any uvicorn process imports prometheus_client.

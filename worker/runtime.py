@@ -176,6 +176,8 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
                 worker.work(burst=args.burst, logging_level=args.log_level.upper())
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 logger.warning("worker %s: RQ loop lost Redis (%s)", name, e)
+            finally:
+                _release_pubsub(worker)
             if args.burst or ctx.shutdown_deadline is not None:
                 break
             logger.warning("worker %s: RQ loop ended without a stop request; serving again "
@@ -193,6 +195,19 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
         jobs.set_context(None)
         logger.info("worker %s stopped", name)
     return 0
+
+
+def _release_pubsub(worker: Any) -> None:
+    """Stop the RQ worker's command-listener thread; RQ's own teardown skips it when
+    registering the worker's death fails (Redis gone), leaving it to retry forever."""
+    thread = getattr(worker, "pubsub_thread", None)
+    if thread is not None and thread.is_alive():
+        thread.stop()
+        thread.join(timeout=3)
+    pubsub = getattr(worker, "pubsub", None)
+    if pubsub is not None:
+        with contextlib.suppress(Exception):
+            pubsub.close()
 
 
 def _wait_for_redis(store: Any, ctx: Any, every: float = 0.5) -> bool:

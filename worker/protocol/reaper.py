@@ -53,7 +53,7 @@ def reap_once(store: JobStore) -> list[tuple[str, str]]:
     """One reaper sweep if this process wins the lock for this interval."""
     if not store.try_reaper_lock(store.settings.reaper_interval):
         return []
-    outcomes = store.reap()
+    outcomes = store.reap() + store.reap_orphans()
     for job_id, outcome in outcomes:
         logger.warning("reaper: job %s %s", job_id, outcome)
     return outcomes

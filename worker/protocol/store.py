@@ -391,6 +391,63 @@ class JobStore:
             done.append((job_id, outcome))
         return done
 
+    def reap_orphans(self) -> list[tuple[str, str]]:
+        """Requeue `queued` jobs whose queue entry a worker took but never claimed.
+
+        RQ moves an entry off the queue (into its intermediate list, then its started
+        registry) before our claim marks the job `running`. A worker killed, or a Redis
+        restart, inside that window leaves the job `queued` with no queue entry: it would
+        never run. An entry still unclaimed after one heartbeat TTL gets a fresh attempt at
+        the front of the queue (not counted as a retry); the old entry is fenced by its id.
+        """
+        grace = max(self.settings.heartbeat_ttl_ms / 1000, 2 * self.settings.reaper_interval)
+        seen_key = f"{Keys.running}:unclaimed"
+        now = time.time()
+        rq_ids = {_s(x) or "" for x in self.r.lrange(self.queue.intermediate_queue_key, 0, -1)}
+        rq_ids |= {(_s(x) or "").split(":")[0]
+                   for x in self.r.zrange(self.queue.started_job_registry.key, 0, -1)}
+        done: list[tuple[str, str]] = []
+        live = set()
+        for rq_id in rq_ids:
+            job_id, _, _ = rq_id.rpartition("-a")
+            status, current = (_s(v) for v in self.r.hmget(Keys.job(job_id), "status", "rq_id"))
+            if status != JobStatus.QUEUED.value or current != rq_id:
+                continue
+            live.add(rq_id)
+            first = _s(self.r.hget(seen_key, rq_id))
+            if first is None:
+                self.r.hset(seen_key, rq_id, repr(now))
+            elif now - float(first) >= grace and self._requeue_unclaimed(job_id, rq_id):
+                done.append((job_id, "requeued (taken from the queue, never claimed)"))
+        for stale in {_s(x) or "" for x in self.r.hkeys(seen_key)} - live:
+            self.r.hdel(seen_key, stale)
+        return done
+
+    def _requeue_unclaimed(self, job_id: str, rq_id: str) -> bool:
+        key = Keys.job(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    status, current, att, params, hooks = (_s(v) for v in pipe.hmget(
+                        key, "status", "rq_id", "attempt", "params", "test_hooks"))
+                    if status != JobStatus.QUEUED.value or current != rq_id:
+                        pipe.unwatch()
+                        return False
+                    new = int(att or 1) + 1
+                    pipe.multi()
+                    pipe.hset(key, mapping={"attempt": str(new), "rq_id": rq_job_id(job_id, new)})
+                    pipe.lrem(self.queue.intermediate_queue_key, 0, rq_id)
+                    pipe.hdel(f"{Keys.running}:unclaimed", rq_id)
+                    self._enqueue(pipe, job_id, new, json.loads(params or "{}"),
+                                  json.loads(hooks) if hooks else None, at_front=True)
+                    pipe.execute()
+                    logger.warning("job %s: queue entry %s was taken but never claimed; "
+                                   "requeued as attempt %d", job_id, rq_id, new)
+                    return True
+                except redis.WatchError:
+                    continue
+
     def try_reaper_lock(self, interval: float) -> bool:
         """At most one sweep per interval across all processes sharing this Redis."""
         token = uuid.uuid4().hex
