@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from worker.protocol import MAX_SEED
+from worker.protocol import MAX_SEED, SamplingParams
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(SamplingParams):
     """`POST /v1/generations`: strict types, unknown fields rejected, finite numbers only.
 
     `prompt` length and `num_images` are further capped by `PROMPTPIX_MAX_PROMPT_CHARS`
@@ -15,7 +15,6 @@ class GenerationRequest(BaseModel):
     """
 
     model_config = ConfigDict(
-        strict=True, extra="forbid", allow_inf_nan=False,
         json_schema_extra={"examples": [{
             "prompt": "a large red circle in the top left on a white background",
             "num_images": 4, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
@@ -23,28 +22,7 @@ class GenerationRequest(BaseModel):
         }]},
     )
 
-    prompt: str = Field(min_length=1, description="text, not only whitespace")
-    num_images: int = Field(1, ge=1)
-    temperature: float = Field(1.0, gt=0.0, le=2.0)
-    top_k: int = Field(0, ge=0, description="0 = off")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    guidance_scale: float | None = Field(None, ge=1.0, description="null = the model's default")
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="null = drawn and returned")
-    class_label: int | None = Field(None, ge=0)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt must contain a non-whitespace character")
-        return v
-
-    @field_validator("temperature", "top_p", "guidance_scale", mode="before")
-    @classmethod
-    def _int_is_float(cls, v: object) -> object:
-        if isinstance(v, int) and not isinstance(v, bool):
-            return float(v)
-        return v
 
 
 class JobCreated(BaseModel):

