@@ -127,6 +127,11 @@ def save_checkpoint(
         payload["text_encoder"] = record
     if train_state is not None:
         payload["train_state"] = train_state
+    _write_atomic(path, payload)
+
+
+def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """A temporary file in the same folder, fsync, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -136,6 +141,14 @@ def save_checkpoint(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def update_checkpoint_meta(path: str | os.PathLike[str], updates: dict[str, Any]) -> None:
+    """Merge plain `updates` into a checkpoint's meta, rewriting the file atomically."""
+    path = Path(path)
+    payload = _read(path, "cpu")
+    payload["meta"] = {**payload["meta"], **updates}
+    _write_atomic(path, payload)
 
 
 def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=_int_ge(1), default=32, help="images per forward")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts and samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--set_default_guidance", action="store_true",
+                   help="shapes: write the guidance scale with the best colour+shape+position "
+                        "match into the checkpoint as its default")
     p.add_argument("--output", default=None,
                    help="JSON path (default: eval_<dataset>.json beside the checkpoint)")
     return p
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from model import PromptPixError, load_checkpoint
+    from model.checkpoint import update_checkpoint_meta
 
     from .distributed import resolve_device
 
@@ -233,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
                 acc = float((clf.predict(_features(images)) == np.array(labels)).mean())
                 rows[f"{g:g}"] = {"classification_accuracy_score": acc, "n": len(labels)}
         result["by_guidance_scale"] = rows
+        if args.set_default_guidance:
+            if not rows or "colour+shape+position" not in next(iter(rows.values())):
+                raise ValueError("--set_default_guidance needs a shapes alignment evaluation")
+            best = max(rows, key=lambda g: rows[g]["colour+shape+position"])
+            update_checkpoint_meta(args.checkpoint, {"default_guidance_scale": float(best)})
+            result["default_guidance_scale_set"] = float(best)
+            print(f"default guidance scale of {args.checkpoint} set to {best}")
     except (PromptPixError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

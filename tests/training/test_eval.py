@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from model import load_checkpoint
 from tests.training.train_helpers import TINY
 from training.cli import train_base_main, train_main
 from training.evaluate import main as eval_main
@@ -29,9 +30,14 @@ def test_eval_shapes(tmp_path: Path, one_thread: None,
     assert train_main([*TINY, "--max_steps", "2", "--checkpoint_dir", str(ck)]) == 0
     out = tmp_path / "eval.json"
     rc = eval_main(["--checkpoint", str(ck / "best_model.pth"), "--num_samples", "4",
-                    "--val_samples", "8", "--guidance_scale", "1", "2", "--output", str(out)])
+                    "--val_samples", "8", "--guidance_scale", "1", "2", "--output", str(out),
+                    "--set_default_guidance"])
     assert rc == 0
     res = json.loads(out.read_text())
+    rows = res["by_guidance_scale"]
+    best = max(rows, key=lambda g: rows[g]["colour+shape+position"])
+    _, meta = load_checkpoint(ck / "best_model.pth")  # rewritten, still loadable
+    assert meta["default_guidance_scale"] == res["default_guidance_scale_set"] == float(best)
     assert res["dataset"] == "shapes" and res["val_bpd"] > 0 and res["val_images"] == 8
     assert set(res["by_guidance_scale"]) == {"1", "2"}
     row = res["by_guidance_scale"]["2"]
