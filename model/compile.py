@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .network import START, DecoderBlock, PromptPix
+from .layers import DecoderBlock
+from .network import START, PromptPix
 from .sampling import RowParams, _Rows, next_tokens, row_params
 
 logger = logging.getLogger(__name__)

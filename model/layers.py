@@ -1,0 +1,173 @@
+"""Building blocks of the network: attention with a static KV cache, gated cross-attention
+decoder blocks, and the scratch text encoder. Everything on the image side is per token."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import PromptPixError
+
+
+class KVCache:
+    """Preallocated keys/values of one layer, written by position: (B, nkv, T_max, hs)."""
+
+    def __init__(self, B: int, nh: int, T: int, hs: int, device: torch.device, dtype: torch.dtype):
+        self.k = torch.zeros(B, nh, T, hs, device=device, dtype=dtype)
+        self.v = torch.zeros(B, nh, T, hs, device=device, dtype=dtype)
+
+    def update(
+        self, t0: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, S, hs) at positions t0..t0+S-1; return the cache up to there."""
+        t1 = t0 + k.shape[2]
+        self.k[:, :, t0:t1] = k
+        self.v[:, :, t0:t1] = v
+        return self.k[:, :, :t1], self.v[:, :, :t1]
+
+
+class SelfAttention(nn.Module):
+    """Causal self-attention with `nkv` key/value heads shared by groups of query heads."""
+
+    def __init__(self, dim: int, nh: int, nkv: int, dropout: float) -> None:
+        super().__init__()
+        self.nh, self.nkv, self.hs = nh, nkv, dim // nh
+        self.qkv = nn.Linear(dim, dim + 2 * nkv * self.hs)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, t0: int = 0) -> torch.Tensor:
+        B, S, D = x.shape
+        nh, nkv, hs = self.nh, self.nkv, self.hs
+        q, k, v = self.qkv(x).split([D, nkv * hs, nkv * hs], dim=-1)
+        k = k.view(B, S, nkv, hs).transpose(1, 2)  # (B, nkv, S, hs)
+        v = v.view(B, S, nkv, hs).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(t0, k, v)  # (B, nkv, t0+S, hs)
+        if S == 1:
+            # One new token: it may see the whole cache, and the nh/nkv query heads of a group
+            # are independent queries over the same keys, so they ride in the query-length
+            # dimension — no mask, no copy of the keys.
+            y = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hs), k, v)
+            return self.proj(y.reshape(B, 1, D))
+        if t0 != 0:
+            raise PromptPixError("multi-token steps are only supported from position 0")
+        q = q.view(B, S, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
+        if nkv != nh:  # query head h reads key/value head h // (nh / nkv)
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to every text token state (keys/values), pads masked."""
+
+    def __init__(self, dim: int, nh: int, dropout: float) -> None:
+        super().__init__()
+        self.nh, self.hs = nh, dim // nh
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def text_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the text states (B, L, D), computed once per request."""
+        B, L, D = ctx.shape
+        k, v = self.kv(ctx).view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
+        return k, v  # each (B, nh, L, hs)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+        B, S, D = x.shape
+        q = self.q(x).view(B, S, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, ratio * dim)
+        self.proj = nn.Linear(ratio * dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN: causal self-attention, cross-attention with gated fusion, MLP."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        D = c.hidden_dim
+        self.ln1 = nn.LayerNorm(D)
+        self.attn = SelfAttention(D, c.num_heads, c.num_kv_heads, c.dropout)
+        self.cross: CrossAttention | None = None
+        if c.use_text:
+            self.ln2 = nn.LayerNorm(D)
+            self.cross = CrossAttention(D, c.num_heads, c.dropout)
+            # Gate per position from [h; ctx]: a per-token sigmoid, never pooled over positions.
+            self.gate = nn.Linear(2 * D, D)
+        self.ln3 = nn.LayerNorm(D)
+        self.mlp = MLP(D, c.mlp_ratio, c.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        t0: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, t0)
+        if self.cross is not None:
+            assert text is not None, "a text-conditioned block needs the text keys/values"
+            h = self.ln2(x)
+            ctx = self.cross(h, *text)
+            x = x + torch.sigmoid(self.gate(torch.cat([h, ctx], dim=-1))) * ctx
+        return x + self.mlp(self.ln3(x))
+
+
+class TextEncoderLayer(nn.Module):
+    """Pre-LN transformer encoder layer; padded keys are masked out of attention."""
+
+    def __init__(self, dim: int, nh: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = CrossAttention(dim, nh, dropout)  # self-attention = cross onto itself
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, 4, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, *self.attn.text_kv(h), mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class TextEncoder(nn.Module):
+    """Token embeddings + positions -> N encoder layers -> states and masked mean pool."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        E = c.text_embed_dim
+        self.tok_emb = nn.Embedding(c.vocab_size, E)
+        self.pos_emb = nn.Embedding(c.max_text_length, E)
+        self.layers = nn.ModuleList(
+            TextEncoderLayer(E, c.text_nhead, c.dropout) for _ in range(c.num_text_layers)
+        )
+        self.ln = nn.LayerNorm(E)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L = ids.shape
+        x = self.tok_emb(ids) + self.pos_emb(torch.arange(L, device=ids.device))  # (B, L, E)
+        attn_mask = mask[:, None, None, :]  # (B, 1, 1, L): every query sees the real tokens
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        x = self.ln(x)
+        m = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+        pooled = (x * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, E): pads never count
+        return x, pooled
