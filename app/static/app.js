@@ -169,7 +169,7 @@ function describeModel(model) {
   if (model.image_size) parts.push(`${model.image_size}×${model.image_size}`);
   if (model.dataset) parts.push(String(model.dataset));
   const bpd = model.val_bpd ?? model.validation_bpd;
-  if (typeof bpd === "number") parts.push(`${bpd.toFixed(2)} bits/dim`);
+  if (typeof bpd === "number") parts.push(`${bpd.toPrecision(3)} bits/dim`);
   return parts.join(" · ");
 }
 
