@@ -89,15 +89,23 @@ def test_up_without_a_checkpoint_says_where_and_how(tmp_path: Path) -> None:
     assert f"checkpoint not found: {tmp_path / 'missing.pth'}" in res.stdout
 
 
-def test_up_names_the_demo_checkpoint_and_how_to_train_one(tmp_path: Path) -> None:
+def test_up_names_the_demo_checkpoint_and_how_to_train_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import app.launcher as launcher
 
-    if (ROOT / launcher.DEMO_CHECKPOINT).exists():
-        pytest.skip("the demo checkpoint is shipped, so `up` would find it")
-    res = _run_up([], tmp_path, {"PATH": "/usr/bin:/bin"})
-    assert res.returncode == 1
-    assert "checkpoints/demo/shapes16.pth" in res.stdout
-    assert "python train_llm_prompt.py --dataset shapes" in res.stdout
+    # As on a checkout without the demo model: neither the working folder nor the
+    # repository holds it.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launcher, "REPO_ROOT", tmp_path)
+    monkeypatch.delenv("PROMPTPIX_CHECKPOINT", raising=False)
+    with pytest.raises(launcher.LaunchError) as err:
+        launcher.resolve_checkpoint(None)
+    assert "checkpoints/demo/shapes16.pth" in str(err.value)
+    assert "python train_llm_prompt.py --dataset shapes" in str(err.value)
+    # ...and the shipped one is found from the repository root.
+    monkeypatch.setattr(launcher, "REPO_ROOT", ROOT)
+    assert launcher.resolve_checkpoint(None) == (ROOT / launcher.DEMO_CHECKPOINT).resolve()
 
 
 def test_up_refuses_a_busy_port(tmp_path: Path, checkpoint: Path) -> None:
