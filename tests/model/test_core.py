@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from model import CheckpointError, load_checkpoint, save_checkpoint
 from model.prior import count_frequency_prior
 
-from .conftest import CAPTIONS, scrambled
+from .conftest import CAPTIONS, scrambled, tiny_config
 
 
 def test_nll_is_mean_cross_entropy_in_bits(make_model):
@@ -71,25 +71,12 @@ def test_checkpoint_round_trip_gives_identical_logits(make_model, tmp_path):
     assert len(meta["model_id"]) == 16 and meta["tokenizer"] == "word"
 
 
-def test_bpe_tokenizer_round_trips(tokenizer, tmp_path):
-    from model import ModelConfig, PromptPix
+def test_bpe_tokenizer_round_trips(tmp_path):
+    from model import PromptPix
     from model.tokenizers import build_tokenizer
 
     tok = build_tokenizer("bpe", CAPTIONS * 5, vocab_size=300)
-    model = PromptPix(
-        ModelConfig(
-            image_size=2,
-            hidden_dim=16,
-            num_layers=1,
-            num_heads=2,
-            text_embed_dim=16,
-            num_text_layers=1,
-            text_nhead=2,
-            max_text_length=16,
-            vocab_size=len(tok),
-        ),
-        tok,
-    )
+    model = PromptPix(tiny_config(image_size=2, vocab_size=len(tok)), tok)
     save_checkpoint(tmp_path / "b.pth", model)
     loaded, meta = load_checkpoint(tmp_path / "b.pth")
     assert meta["tokenizer"] == "bpe"
