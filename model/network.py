@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import PromptPixError
-from .layers import DecoderBlock, KVCache, TextEncoder
+from .layers import DecoderBlock, DecodeStep, KVCache, TextEncoder
 from .prior import image_tokens
 from .tokenizers import Tokenizer
 
@@ -81,6 +81,8 @@ class PromptPix(nn.Module):
         self.register_buffer("pos_chan", t % c.channels, persistent=False)
         self.caches: list[KVCache] | None = None
         self._pos_table: torch.Tensor | None = None
+        self._steps: list[DecodeStep] | None = None
+        self._head_step: tuple[torch.Tensor, torch.Tensor] | None = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             # GPT-2: scale residual projections by depth so the stream's variance stays put.
@@ -257,7 +259,8 @@ class PromptPix(nn.Module):
     # ----------------------------------------------------------------- cached inference
 
     def setup_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> None:
-        """Preallocate one static KV cache per layer for `batch_size` sequences."""
+        """Preallocate one static KV cache per layer for `batch_size` sequences, and take the
+        decode step's weights (`DecodeStep`) from the current parameters."""
         c = self.config
         hs = c.hidden_dim // c.num_heads
         self.caches = [
@@ -266,10 +269,19 @@ class PromptPix(nn.Module):
         ]
         # Row + column + channel embeddings of every position, summed once, not per step.
         self._pos_table = self._pos(0, c.seq_len).detach()
+        self._steps = [DecodeStep(b, dtype) for b in self.blocks]
+        # The head's bias and the frequency prior, summed per position in fp32 (T, 256).
+        bias = self.head.bias.detach().float().expand(c.seq_len, 256)
+        if self.freq_prior is not None:
+            bias = bias + self.freq_prior.detach().float()
+        self._head_step = (self.head.weight.detach().t().to(dtype).contiguous(),
+                           bias.contiguous())
 
     def free_caches(self) -> None:
         self.caches = None
         self._pos_table = None
+        self._steps = None
+        self._head_step = None
 
     def prefill(
         self,
@@ -293,11 +305,13 @@ class PromptPix(nn.Module):
         text: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
     ) -> torch.Tensor:
         """One step: input token (B,) at position t (the value of token t-1) -> logits (B, 256)."""
-        assert self.caches is not None, "call setup_caches() first"
-        x = (self.value_emb(prev) + self._pos_table[t] + cond)[:, None, :]  # (B, 1, D)
-        for i, block in enumerate(self.blocks):
-            x = block(x, text[i] if text is not None else None, self.caches[i], t)
-        return self._head(x, t)[:, 0]
+        assert self.caches is not None and self._steps is not None, "call setup_caches() first"
+        x = self.value_emb(prev) + self._pos_table[t] + cond  # (B, D)
+        for i, step in enumerate(self._steps):
+            x = step(x, text[i] if text is not None else None, self.caches[i], t)
+        ln, (w, bias) = self.ln_f, self._head_step  # type: ignore[misc]
+        h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return torch.mm(h, w).float() + bias[t]  # logits in fp32 whatever the autocast
 
     def generate(self, prompts: list[str], num_images: int = 1, **kwargs: object) -> torch.Tensor:
         """Sample images; see `model.sampling.generate` for the parameters."""
