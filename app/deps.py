@@ -1,4 +1,9 @@
-"""FastAPI dependencies: the store, settings, API-key auth, rate limit and job lookup."""
+"""FastAPI dependencies: the store, settings, API-key auth, rate limit and job lookup.
+
+Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in
+the thread pool, and a thread hop per dependency was most of a status GET's cost. Those
+that talk to Redis (blocking client) stay `def` or hop explicitly.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from starlette.concurrency import run_in_threadpool
 
 from worker.protocol import JobStore, Settings
 
@@ -18,12 +24,12 @@ JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 _BEARER = re.compile(r"^Bearer[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     """The process's job store (built by `create_app`)."""
     return request.app.state.store  # type: ignore[no-any-return]
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings this app was built with."""
     return request.app.state.settings  # type: ignore[no-any-return]
 
@@ -67,16 +73,16 @@ def check_api_key(request: Request, settings: Settings) -> Principal:
     return Principal(owner=owner, who=f"key:{owner}")
 
 
-def authenticated(request: Request, settings: SettingsDep) -> Principal:
+async def authenticated(request: Request, settings: SettingsDep) -> Principal:
     """Dependency: the caller of a `/v1` route."""
     return check_api_key(request, settings)
 
 
-def rate_limited(principal: Annotated[Principal, Depends(authenticated)], store: StoreDep,
-                 settings: SettingsDep) -> Principal:
+async def rate_limited(principal: Annotated[Principal, Depends(authenticated)],
+                       store: StoreDep, settings: SettingsDep) -> Principal:
     """Dependency: the caller, after counting this request against `PROMPTPIX_RATE_LIMIT`."""
     if settings.rate_limit > 0:
-        wait = store.rate_hit(principal.who, settings.rate_limit)
+        wait = await run_in_threadpool(store.rate_hit, principal.who, settings.rate_limit)
         if wait is not None:
             raise ApiError(429, "rate_limited",
                            f"over {settings.rate_limit} requests a minute; retry in {wait} s",
