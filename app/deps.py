@@ -94,14 +94,19 @@ PrincipalDep = Annotated[Principal, Depends(rate_limited)]
 JobIdPath = Annotated[str, Path(description="job id (32 hex digits)")]
 
 
-def load_job(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> dict[str, str]:
-    """Dependency: the job hash, or 404 when unknown, expired or another key's."""
+def find_job(job_id: str, principal: Principal, store: JobStore) -> dict[str, str]:
+    """The job hash, or 404 when unknown, expired or another key's (reads Redis)."""
     if not re.match(JOB_ID_PATTERN, job_id):
         raise not_found()
     job = store.get(job_id)
     if job is None or not hmac.compare_digest(job.get("owner", ""), principal.owner):
         raise not_found()
     return job
+
+
+def load_job(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> dict[str, str]:
+    """Dependency: `find_job`."""
+    return find_job(job_id, principal, store)
 
 
 JobDep = Annotated[dict[str, str], Depends(load_job)]

@@ -20,7 +20,15 @@ from worker.protocol import (
     canonical_json,
 )
 
-from ..deps import JobDep, PrincipalDep, SettingsDep, StoreDep, rate_limited
+from ..deps import (
+    JobDep,
+    JobIdPath,
+    PrincipalDep,
+    SettingsDep,
+    StoreDep,
+    find_job,
+    rate_limited,
+)
 from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
 from ..metrics import JOBS_SUBMITTED
 from ..schemas import GenerationRequest, JobCreated, JobErrorOut, JobModel, JobView
@@ -126,9 +134,13 @@ def submit(
 
 
 @router.get("/{job_id}", response_model=JobView)
-def get_job(job: JobDep, store: StoreDep) -> JobView:
+def get_job(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> Response:
     """Status, progress, queue position and, when done, the image URLs."""
-    return job_view(job, store)
+    # The poll every client repeats, so it costs one thread-pool hop: the lookup runs here
+    # rather than as a (second, threaded) dependency, and the view is serialised once — a
+    # returned model would be validated again by FastAPI, in a third hop.
+    view = job_view(find_job(job_id, principal, store), store)
+    return Response(view.model_dump_json(), media_type="application/json")
 
 
 @router.delete("/{job_id}", response_model=JobView,
