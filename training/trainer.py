@@ -131,7 +131,6 @@ class Trainer:
 
             load_model_state(self.model, ts["model"])  # strict, bar a frozen encoder's
         self.optimizer.load_state_dict(ts["optimizer"])
-        self.scheduler.load_state_dict(ts["scheduler"])
         self.scaler.load_state_dict(ts["scaler"])
         if self.ema is not None:
             # The EMA was copied from the file's weights (the EMA ones when EMA was on)
@@ -142,6 +141,7 @@ class Trainer:
                 log.warning("checkpoint has no EMA state; the EMA starts from the weights")
         self.step, self.epoch = int(ts["step"]), int(ts["epoch"])
         self.batch_in_epoch = int(ts["batch_in_epoch"])
+        self._schedule_from(self.step)
         self.best_val = float(ts.get("best_val_bpd", math.inf))
         rngs = ts["rng"]
         if len(rngs) == self.d.world_size:
@@ -152,6 +152,20 @@ class Trainer:
         if self.d.master:
             log.info("resumed at step %d (epoch %d, batch %d)", self.step, self.epoch,
                      self.batch_in_epoch)
+
+    def _schedule_from(self, step: int) -> None:
+        """Put the LR schedule at `step` with *this* run's flags (--lr, --warmup_steps,
+        --lr_decay_steps, --max_steps): the schedule is a function of the step, so only the
+        position comes from the file and a resume may extend the run's schedule. (Restoring
+        the scheduler's saved state brought back the old run's decay length: a run resumed
+        to train longer stayed at the old floor.)"""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+        decay = cfg.lr_decay_steps or self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(cfg.warmup_steps, decay, cfg.min_lr_ratio),
+            last_epoch=step - 1)  # its first step() puts it at `step`
 
     def _meta(self, val_bpd: float | None) -> dict[str, Any]:
         return {
@@ -186,7 +200,6 @@ class Trainer:
         train_state = {
             "model": checkpoint_state(self.model) if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,

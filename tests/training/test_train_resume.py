@@ -41,6 +41,26 @@ def test_resume_is_exact(tmp_path: Path, one_thread: None) -> None:
     assert meta["ema"] is True
 
 
+def test_resume_follows_this_runs_schedule(tmp_path: Path, one_thread: None) -> None:
+    """Resuming to train longer (a longer --lr_decay_steps, another --lr) continues with the
+    new flags' schedule from the saved step, not the first run's."""
+    from training.state import lr_factor
+
+    ck = tmp_path / "s"
+    flags = [*TINY, "--warmup_steps", "2", "--num_sample_images", "1",
+             "--checkpoint_dir", str(ck)]
+    assert train_main([*flags, "--max_steps", "4", "--lr_decay_steps", "4", "--lr", "1e-3"]) == 0
+    assert train_main([*flags, "--max_steps", "8", "--lr_decay_steps", "20", "--lr", "2e-3",
+                       "--resume"]) == 0
+    lrs = {r["step"]: r["lr"] for r in read_log(ck)}
+    # The log's lr at step s is the rate after s optimizer steps (what step s+1 uses).
+    for s in range(1, 5):
+        assert lrs[s] == pytest.approx(1e-3 * lr_factor(s, 2, 4, 0.1), rel=1e-6), s
+    for s in range(5, 9):
+        assert lrs[s] == pytest.approx(2e-3 * lr_factor(s, 2, 20, 0.1), rel=1e-6), s
+    assert lrs[5] > 2 * lrs[4]  # off the first run's floor
+
+
 def test_resume_from_best_model_is_refused(tmp_path: Path, one_thread: None,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     ck = tmp_path / "c"
