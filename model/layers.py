@@ -241,7 +241,7 @@ class DecodeStep:
             q, gh = torch.addmm(self.qg[0], h, self.qg[1]).split([D, D], 1)
             y = F.scaled_dot_product_attention(q.view(B, nh, 1, hs), tk, tv, attn_mask=mask)
             ctx, gc = torch.addmm(self.og[0], y.reshape(B, D), self.og[1]).split([D, D], 1)
-            x = x + torch.sigmoid(gh + gc) * ctx
+            x = torch.addcmul(x, torch.sigmoid(gh + gc), ctx)
         h = F.layer_norm(x, (D,), *self.ln3[:2], self.ln3[2])
         h = F.gelu(torch.addmm(self.fc[0], h, self.fc[1]), approximate="tanh")
         return x + torch.addmm(self.fc_proj[0], h, self.fc_proj[1])
