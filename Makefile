@@ -36,6 +36,7 @@ reliability: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/api.py --no-write
 
 up: $(STAMP)
 	$(BIN)/promptpix up
