@@ -20,7 +20,9 @@ import pytest
 
 from tests.training.train_helpers import PY, REPO, TINY, env, raw_weights
 
-MAX_STEPS = 40
+# Each kill cycle advances a handful of steps (first save + up to 0.3 s, ~70 ms a step on
+# an idle 2-core machine): 10 cycles must end well before the run does.
+MAX_STEPS = 120
 FLAGS = [*TINY, "--max_steps", str(MAX_STEPS), "--save_freq", "1", "--lr_decay_steps",
          str(MAX_STEPS), "--eval_every", "1000", "--num_sample_images", "1"]
 
