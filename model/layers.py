@@ -16,8 +16,8 @@ class KVCache:
 
     Keys are stored transposed, `kt` (B, nkv, hs, T_max), values as `v` (B, nkv, T_max, hs):
     a decode step's scores are then one batched product `q @ kt[..., :t+1]` straight from
-    the cache (no copy), which on CPU beat `scaled_dot_product_attention` by 20-35% over
-    long caches (measured in docs/benchmarks.md).
+    the cache (no copy), which on CPU beat `scaled_dot_product_attention` by 15-35% over
+    long caches (docs/benchmarks.md).
     """
 
     def __init__(self, B: int, nh: int, T: int, hs: int, device: torch.device, dtype: torch.dtype):

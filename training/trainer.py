@@ -70,9 +70,7 @@ class Trainer:
                 f"the training split has {len(self.train_ds)} images, fewer than one batch "
                 f"({cfg.batch_size} x {self.d.world_size} processes)")
         self.total_steps = cfg.max_steps or cfg.num_epochs * self.steps_per_epoch
-        decay = cfg.lr_decay_steps or self.total_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(cfg.warmup_steps, decay, cfg.min_lr_ratio))
+        self._schedule_from(0)
         cuda = self.device.type == "cuda"
         self.amp_dtype = None
         if cfg.amp and cuda:
@@ -165,7 +163,7 @@ class Trainer:
         decay = cfg.lr_decay_steps or self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(cfg.warmup_steps, decay, cfg.min_lr_ratio),
-            last_epoch=step - 1)  # its first step() puts it at `step`
+            last_epoch=step - 1)  # built at `step`: its constructor steps once
 
     def _meta(self, val_bpd: float | None) -> dict[str, Any]:
         return {
