@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                                     seed=[args.seed + i for i in range(s, e)])
             for (fact, word, syn, _), img in zip(rows[s:e], images, strict=True):
                 hits.setdefault((fact, word, syn), []).append(S.analyse(img)[fact] == word)
-        scores[ck.parent.name] = {k: sum(v) / len(v) for k, v in hits.items()}
+        label = f"{ck.parent.name}/{ck.name}"  # two files may share a folder
+        scores[label] = {k: sum(v) / len(v) for k, v in hits.items()}
     names = list(scores)
     print(f"guidance {args.guidance:g}, {args.per_word} prompts per synonym, template 0, "
           "only the reworded fact scored")

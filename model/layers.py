@@ -239,8 +239,8 @@ class DecodeStep:
     ) -> torch.Tensor:
         """x (B, D) is the residual stream at position t; returns it after the block."""
         B, D, nh, nkv, hs = x.shape[0], self.D, self.nh, self.nkv, self.hs
-        h = F.layer_norm(x, (D,), *self.ln1[:2], self.ln1[2])
-        q, k, v = torch.addmm(*self.qkv[:1], h, self.qkv[1]).split([D, nkv * hs, nkv * hs], 1)
+        h = F.layer_norm(x, (D,), *self.ln1)
+        q, k, v = torch.addmm(self.qkv[0], h, self.qkv[1]).split([D, nkv * hs, nkv * hs], 1)
         cache.kt[..., t] = k.view(B, nkv, hs)
         cache.v[:, :, t] = v.view(B, nkv, hs)
         # The nh/nkv query heads of a group are rows of one product over their shared keys;
@@ -251,11 +251,11 @@ class DecodeStep:
         if self.cross:
             assert text is not None, "a text-conditioned block needs the text keys/values"
             tk, tv, mask = text
-            h = F.layer_norm(x, (D,), *self.ln2[:2], self.ln2[2])
+            h = F.layer_norm(x, (D,), *self.ln2)
             q, gh = torch.addmm(self.qg[0], h, self.qg[1]).split([D, D], 1)
             y = F.scaled_dot_product_attention(q.view(B, nh, 1, hs), tk, tv, attn_mask=mask)
             ctx, gc = torch.addmm(self.og[0], y.reshape(B, D), self.og[1]).split([D, D], 1)
             x = torch.addcmul(x, torch.sigmoid(gh + gc), ctx)
-        h = F.layer_norm(x, (D,), *self.ln3[:2], self.ln3[2])
+        h = F.layer_norm(x, (D,), *self.ln3)
         h = F.gelu(torch.addmm(self.fc[0], h, self.fc[1]), approximate="tanh")
         return x + torch.addmm(self.fc_proj[0], h, self.fc_proj[1])
