@@ -76,7 +76,10 @@ def _train(argv: list[str] | None, prog: str, description: str,
         if "RANK" in os.environ and cfg.world_size > 1 and launched != cfg.world_size:
             log.warning("--world_size %d ignored: torchrun set WORLD_SIZE=%s", cfg.world_size,
                         os.environ.get("WORLD_SIZE"))
-        return run_training(cfg)
+        rc = run_training(cfg)
+        if "RANK" in os.environ:  # a torchrun rank
+            D.exit_rank(rc)
+        return rc
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

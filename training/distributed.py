@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,21 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def exit_rank(rc: int) -> NoReturn:
+    """End a distributed rank's process now, without finalizing the interpreter.
+
+    gloo's worker threads outlive `destroy_process_group` (DDP still holds the group) and
+    may still be releasing the last collective's tensors, which takes the GIL; an
+    interpreter finalizing under them kills the thread inside C++ and the rank aborts
+    ("terminate called without an active exception", about one SIGTERM stop in 15). The
+    rank has saved and logged by now, so flush and leave.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -88,9 +104,7 @@ def _spawned(local_rank: int, world_size: int, port: int, fn: Callable[..., Any]
     if "OMP_NUM_THREADS" not in os.environ:
         # N processes on one machine: split the cores instead of each taking them all.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    rc = fn(arg)
-    if rc:
-        raise SystemExit(rc)
+    exit_rank(fn(arg))
 
 
 def spawn(fn: Callable[[Any], int], arg: Any, world_size: int) -> None:
