@@ -47,6 +47,9 @@ class TrainConfig:
     data_root: str = _opt("./data", "folder holding the dataset files")
     download: bool = _opt(False, "fetch the dataset archive if missing (cifar100)")
     shapes_train_size: int = _opt(50000, "images in the shapes training split", min=1)
+    shapes_synonym_prob: float = _opt(
+        0.0, "shapes: share of training captions reworded with the training synonym list "
+        "(never the evaluation's words; see training/paraphrase.py)", min=0.0, max=1.0)
     image_size: int = _opt(32, "image side in pixels (images are resized/cropped)", min=2)
     num_workers: int = _opt(2, "DataLoader worker processes per rank", min=0)
     # --- model (names equal ModelConfig fields) ---------------------------------------

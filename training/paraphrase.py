@@ -11,6 +11,11 @@ No synonym may ever appear in a training caption (ARCHITECTURE.md, the shapes gr
 `test_text_encoders.py` checks these tables against the grammar's vocabulary: every
 colour, shape, size and background synonym is a new word; a position keeps "left" or
 "right" only beside a new word ("upper left", as issue 8 asks).
+
+Training may reword captions too (`--shapes_synonym_prob`), with a *second* list of
+synonyms and sentence forms, `TRAIN_SYNONYMS` / `TRAIN_TEMPLATES`, that shares no word
+with the evaluation's: a model can learn that a fact is carried by more than the
+grammar's one word while every word of an evaluation paraphrase stays unseen.
 """
 
 from __future__ import annotations
@@ -57,6 +62,43 @@ TEMPLATES = (
     "{background} backdrop with a {size} {colour} {shape} at the {position}",
 )
 
+# The training side's list: no word in common with SYNONYMS / TEMPLATES (tested).
+TRAIN_SYNONYMS: dict[str, dict[str, tuple[str, ...]]] = {
+    "colour": {
+        "red": ("ruby", "rose", "vermilion"),
+        "green": ("lime", "mint", "olive"),
+        "blue": ("navy", "cerulean", "denim"),
+        "yellow": ("canary", "mustard", "sunflower"),
+        "purple": ("lavender", "lilac", "mauve"),
+        "orange": ("apricot", "pumpkin", "copper"),
+    },
+    "shape": {
+        "circle": ("orb", "sphere", "round"),
+        "square": ("cube", "slab", "rectangle"),
+        "triangle": ("cone", "spike", "arrowhead"),
+    },
+    "position": {
+        "top left": ("northwest", "high left"),
+        "top right": ("northeast", "high right"),
+        "bottom left": ("southwest", "low left"),
+        "bottom right": ("southeast", "low right"),
+        "center": ("midpoint", "heart"),
+    },
+    "size": {"small": ("mini", "petite", "compact"), "large": ("giant", "massive", "enormous")},
+    "background": {
+        "white": ("snowy", "cream", "milky"),
+        "black": ("jet", "inky", "charcoal"),
+        "gray": ("ash", "slate", "smoky"),
+    },
+}
+
+TRAIN_TEMPLATES = (
+    "{colour} {shape} ({size}) located {position}, {background} surroundings",
+    "picture of a {size} {shape} in {colour}, placed {position} on {background}",
+    "{background} field, {size} {colour} {shape} toward the {position}",
+    "{position} - {size} {colour} {shape} upon {background}",
+)
+
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
 
 
@@ -75,6 +117,14 @@ def paraphrase(facts: dict[str, str | None], rng: random.Random) -> str:
     """One paraphrase of `facts` (colour, shape, position, size, background)."""
     words = {k: rng.choice(SYNONYMS[k][str(facts[k])]) for k in SYNONYMS}
     return rng.choice(TEMPLATES).format(**words)
+
+
+def reword_for_training(facts: dict[str, str | None], rng: random.Random) -> str:
+    """A training caption of `facts` in a `TRAIN_TEMPLATES` form, each fact either its
+    grammar word or one of its `TRAIN_SYNONYMS` (so both kinds keep being seen)."""
+    words = {k: rng.choice((str(facts[k]), *TRAIN_SYNONYMS[k][str(facts[k])]))
+             for k in TRAIN_SYNONYMS}
+    return rng.choice(TRAIN_TEMPLATES).format(**words)
 
 
 def paraphrase_prompts(grammar_prompts: list[str], seed: int) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from tests.training.train_helpers import TINY, read_log
 from training.cli import train_main
 from training.config import parse_train_args
+from training.datasets import DatasetError
 from training.distributed import DistInfo
 from training.trainer import Trainer
 
@@ -242,6 +244,60 @@ def test_paraphrases_keep_the_facts() -> None:
         for fact, table in SYNONYMS.items():
             assert any(s in p for s in table[str(facts[fact])]), (fact, g, p)
     assert len(set(para)) > 30
+
+
+def test_training_rewording_never_uses_an_evaluation_word() -> None:
+    """`--shapes_synonym_prob`'s list and forms share no word with the evaluation's
+    paraphrases beyond the grammar's own words, so those stay unseen in training."""
+    from training.paraphrase import (
+        _WORD_RE,
+        SYNONYMS,
+        TEMPLATES,
+        TRAIN_SYNONYMS,
+        TRAIN_TEMPLATES,
+        grammar_vocabulary,
+    )
+
+    def words(tables: dict[str, dict[str, tuple[str, ...]]], templates: tuple[str, ...]
+              ) -> set[str]:
+        out = {w for t in templates for w in _WORD_RE.findall(re.sub(r"\{\w+\}", " ", t))}
+        for table in tables.values():
+            out |= {w for phrases in table.values() for p in phrases for w in _WORD_RE.findall(p)}
+        return out
+
+    evaluation = words(SYNONYMS, TEMPLATES) - grammar_vocabulary()
+    training = words(TRAIN_SYNONYMS, TRAIN_TEMPLATES)
+    assert {"crimson", "backdrop", "upper"} <= evaluation and {"ruby", "northwest"} <= training
+    assert not evaluation & training, sorted(evaluation & training)
+    assert TRAIN_SYNONYMS.keys() == SYNONYMS.keys()
+    for fact, table in TRAIN_SYNONYMS.items():
+        assert table.keys() == SYNONYMS[fact].keys(), fact
+
+
+def test_reworded_training_captions() -> None:
+    from training.datasets.shapes import ShapesDataset, parse_caption, render
+    from training.paraphrase import TRAIN_SYNONYMS
+
+    plain = ShapesDataset(8, "train", shapes_train_size=400)
+    ds = ShapesDataset(8, "train", shapes_train_size=400, synonym_prob=0.5)
+    caps = ds.captions()
+    assert caps == ShapesDataset(8, "train", shapes_train_size=400, synonym_prob=0.5).captions()
+    assert [ds[i][1] for i in range(0, 400, 37)] == caps[::37]  # drawn = listed
+    kept = [c for c, p in zip(caps, plain.captions(), strict=True) if c == p]
+    assert 150 <= len(kept) <= 250  # about half reworded
+    for i, c in enumerate(caps):
+        if c in kept:
+            continue
+        with pytest.raises(DatasetError):
+            parse_caption(c)
+        facts = render(i, 8)[2]
+        for fact, table in TRAIN_SYNONYMS.items():
+            said = (str(facts[fact]), *table[str(facts[fact])])
+            assert any(re.search(rf"\b{w}\b", c) for w in said), (fact, facts, c)
+    val = ShapesDataset(8, "val", synonym_prob=0.5).captions()
+    assert val == ShapesDataset(8, "val").captions()  # validation stays in the grammar
+    with pytest.raises(DatasetError, match="synonym_prob"):
+        ShapesDataset(8, "train", synonym_prob=1.5)
 
 
 def test_word_tokenizer_reads_paraphrases_as_unk() -> None:

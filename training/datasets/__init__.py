@@ -25,6 +25,7 @@ DATASETS = ("shapes", "cifar100", "imagenet", "imagenet10k", "coco", "folder", "
 # and ignores the rest, so one set of flags serves every --dataset.
 OPTIONS = {
     "shapes_train_size": 50_000,  # shapes: training indices 0..N-1
+    "shapes_synonym_prob": 0.0,   # shapes: share of training captions reworded
     "download": False,            # cifar100: fetch and verify the archive first
     "check_images": True,         # file datasets: verify headers at load, skip bad ones
     "val_fraction": 0.05,         # imagenet, folder: holdout when no val folder exists
@@ -53,7 +54,8 @@ def build_dataset(name: str, data_root: str | Path | None, image_size: int,
     if name == "shapes":
         from training.datasets.shapes import ShapesDataset
 
-        return ShapesDataset(image_size, split, shapes_train_size=int(opts["shapes_train_size"]))
+        return ShapesDataset(image_size, split, shapes_train_size=int(opts["shapes_train_size"]),
+                             synonym_prob=float(opts["shapes_synonym_prob"]))
     if name == "digits":
         from training.datasets.digits import DigitsDataset
 

@@ -278,15 +278,20 @@ class ShapesDataset(Dataset):
     class_names = None
 
     def __init__(self, image_size: int, split: str = "train",
-                 shapes_train_size: int = TRAIN_SIZE) -> None:
+                 shapes_train_size: int = TRAIN_SIZE, synonym_prob: float = 0.0) -> None:
         if not MIN_SIZE <= image_size <= MAX_SIZE:
             raise DatasetError(
                 f"shapes image_size must be in {MIN_SIZE}..{MAX_SIZE}, got {image_size}")
         if shapes_train_size < 1 or shapes_train_size > VAL_START:
             raise DatasetError(
                 f"shapes_train_size must be in 1..{VAL_START}, got {shapes_train_size}")
+        if not 0.0 <= synonym_prob <= 1.0:
+            raise DatasetError(f"shapes synonym_prob must be in [0, 1], got {synonym_prob}")
         self.image_size = image_size
         self.split = check_split(split)
+        # Training captions only: validation stays in the grammar, so bits/dim and the
+        # evaluation's prompts mean the same with and without rewording.
+        self.synonym_prob = synonym_prob if split == "train" else 0.0
         self.start = 0 if split == "train" else VAL_START
         self.size = shapes_train_size if split == "train" else VAL_SIZE
 
@@ -299,12 +304,25 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {i} out of range for a split of {self.size}")
         return self.start + i
 
+    def _caption(self, index: int, caption: str, facts: Facts) -> str:
+        """`caption`, or with probability `synonym_prob` (its own draw from the index) the
+        facts reworded with the training synonym list (`training.paraphrase`)."""
+        if self.synonym_prob and random.Random(f"synonyms:{index}").random() < self.synonym_prob:
+            from training.paraphrase import reword_for_training
+
+            return reword_for_training(facts, random.Random(f"reword:{index}"))
+        return caption
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
-        img, caption, _ = render(self.index_of(i), self.image_size)
+        index = self.index_of(i)
+        img, caption, facts = render(index, self.image_size)
+        caption = self._caption(index, caption, facts)
         return torch.from_numpy(img.transpose(2, 0, 1).copy()), caption, -1
 
     def captions(self) -> list[str]:
         """Every caption of the split, without drawing the images."""
-        return [TEMPLATES[form].format(**facts)
-                for facts, _, _, form in (_draw_facts(random.Random(self.start + i))
-                                          for i in range(self.size))]
+        out = []
+        for i in range(self.size):
+            facts, _, _, form = _draw_facts(random.Random(self.start + i))
+            out.append(self._caption(self.start + i, TEMPLATES[form].format(**facts), facts))
+        return out
