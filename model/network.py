@@ -131,16 +131,22 @@ class PromptPix(nn.Module):
         return ids.to(self.device), mask.to(self.device)
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on >= 2-D weights only (not biases, norms or the prior)."""
-        decay, no_decay = [], []
+        """AdamW groups: decay on >= 2-D weights only (not biases, norms or the prior).
+
+        A fine-tuned pretrained text encoder's weights get groups of their own, named
+        "pretrained", so a trainer can give them a smaller learning rate.
+        """
+        # Fixed order (model decay, model no-decay, then the encoder's): a resumed
+        # optimizer state is matched to these groups by position.
+        order = [("model", True), ("model", False), ("pretrained", True), ("pretrained", False)]
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {k: [] for k in order}
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 and name != "freq_prior" else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+            if p.requires_grad:
+                kind = "pretrained" if name.startswith("text.bert.") else "model"
+                groups[(kind, p.dim() >= 2 and name != "freq_prior")].append(p)
+        return [{"params": groups[(kind, decays)], "name": kind,
+                 "weight_decay": weight_decay if decays else 0.0}
+                for kind, decays in order if groups[(kind, decays)]]
 
     def set_frequency_prior(self, log_probs: torch.Tensor) -> None:
         """Start the learnable prior from counted log-frequencies (T, 256)."""

@@ -73,6 +73,9 @@ class TrainConfig:
         choices=("scratch", "minilm"))
     finetune_text_encoder: bool = _opt(
         False, "train the pretrained text encoder too (minilm; frozen by default)")
+    text_encoder_lr: float = _opt(
+        3e-5, "peak learning rate of a fine-tuned pretrained text encoder (the rest of the "
+        "model uses --lr; same warmup and cosine)", min_excl=0.0)
     text_cache_size: int = _opt(
         16384, "captions whose frozen-encoder states are kept during training (minilm; 0: off)",
         min=0)

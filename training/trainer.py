@@ -61,9 +61,9 @@ class Trainer:
         self.mcfg = self.model.config
         self.text_cache = self._enable_text_cache()  # before the EMA copies the model
 
-        self.optimizer = torch.optim.AdamW(
-            self.model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-        )
+        groups = self.model.optim_groups(cfg.weight_decay)
+        self.group_names = [g["name"] for g in groups]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
         self.steps_per_epoch = len(self.train_ds) // (cfg.batch_size * self.d.world_size)
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -158,8 +158,10 @@ class Trainer:
         the scheduler's saved state brought back the old run's decay length: a run resumed
         to train longer stayed at the old floor.)"""
         cfg = self.cfg
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = cfg.lr
+        # A fine-tuned MiniLM's groups have their own peak. Names come from the model, not
+        # the groups: loading an optimizer state replaces each group's dict with the file's.
+        for group, name in zip(self.optimizer.param_groups, self.group_names, strict=True):
+            group["initial_lr"] = cfg.text_encoder_lr if name == "pretrained" else cfg.lr
         decay = cfg.lr_decay_steps or self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(cfg.warmup_steps, decay, cfg.min_lr_ratio),

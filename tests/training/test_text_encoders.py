@@ -102,14 +102,21 @@ def test_finetuned_encoder_trains_and_is_stored(tmp_path: Path, one_thread: None
 
     t = Trainer(parse_train_args([*TINY, "--text_encoder", "minilm", "--max_steps", "2",
                                   "--finetune_text_encoder", "true", "--lr", "1e-3",
-                                  "--warmup_steps", "0", "--checkpoint_dir",
-                                  str(tmp_path)]), DistInfo())
+                                  "--text_encoder_lr", "2e-5", "--warmup_steps", "0",
+                                  "--checkpoint_dir", str(tmp_path)]), DistInfo())
     name = "text.bert.encoder.layer.0.attention.self.query.weight"
-    before = t.model.state_dict()[name].clone()
+    decoder = "blocks.0.attn.qkv.weight"
+    before = {k: t.model.state_dict()[k].clone() for k in (name, decoder)}
     assert t.text_cache is None  # a trained encoder's outputs cannot be cached
+    encoder_params = {id(p) for n, p in t.model.named_parameters() if n.startswith("text.bert.")}
+    for g in t.optimizer.param_groups:  # the pretrained encoder has its own, smaller LR
+        assert {id(p) in encoder_params for p in g["params"]} == {g["name"] == "pretrained"}
+        assert g["lr"] == (2e-5 if g["name"] == "pretrained" else 1e-3)
     assert t.fit() == 0
     after = t.model.state_dict()[name]
-    assert not torch.equal(before, after)
+    # Two AdamW steps move a weight by at most about 2 x its LR.
+    assert 0 < (after - before[name]).abs().max() <= 2.5 * 2e-5
+    assert (t.model.state_dict()[decoder] - before[decoder]).abs().max() > 5e-4
     model, _ = load_checkpoint(tmp_path / "latest.pth")
     assert torch.equal(model.state_dict()[name], after)
 
