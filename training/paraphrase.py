@@ -102,15 +102,23 @@ TRAIN_TEMPLATES = (
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
 
 
+def vocabulary(templates: tuple[str, ...], phrases: list[str]) -> set[str]:
+    """Every word and punctuation mark of `templates` (placeholders left out) and `phrases`."""
+    words: set[str] = set()
+    for text in (*(re.sub(r"\{\w+\}", " ", t) for t in templates), *phrases):
+        words |= set(_WORD_RE.findall(text))
+    return words
+
+
+def table_phrases(table: dict[str, dict[str, tuple[str, ...]]]) -> list[str]:
+    """Every synonym phrase of a SYNONYMS-shaped table."""
+    return [p for by_word in table.values() for ps in by_word.values() for p in ps]
+
+
 def grammar_vocabulary() -> set[str]:
     """Every word and punctuation mark that any training caption can contain."""
-    words: set[str] = set()
-    for template in S.TEMPLATES:
-        words |= set(_WORD_RE.findall(re.sub(r"\{\w+\}", " ", template)))
-    for values in (S.COLOURS, S.SHAPES, S.POSITIONS, S.SIZES, S.BACKGROUNDS):
-        for v in values:
-            words |= set(_WORD_RE.findall(v))
-    return words
+    return vocabulary(S.TEMPLATES,
+                      [*S.COLOURS, *S.SHAPES, *S.POSITIONS, *S.SIZES, *S.BACKGROUNDS])
 
 
 def paraphrase(facts: dict[str, str | None], rng: random.Random) -> str:

@@ -257,23 +257,17 @@ def test_training_rewording_never_uses_an_evaluation_word() -> None:
     """`--shapes_synonym_prob`'s list and forms share no word with the evaluation's
     paraphrases beyond the grammar's own words, so those stay unseen in training."""
     from training.paraphrase import (
-        _WORD_RE,
         SYNONYMS,
         TEMPLATES,
         TRAIN_SYNONYMS,
         TRAIN_TEMPLATES,
         grammar_vocabulary,
+        table_phrases,
+        vocabulary,
     )
 
-    def words(tables: dict[str, dict[str, tuple[str, ...]]], templates: tuple[str, ...]
-              ) -> set[str]:
-        out = {w for t in templates for w in _WORD_RE.findall(re.sub(r"\{\w+\}", " ", t))}
-        for table in tables.values():
-            out |= {w for phrases in table.values() for p in phrases for w in _WORD_RE.findall(p)}
-        return out
-
-    evaluation = words(SYNONYMS, TEMPLATES) - grammar_vocabulary()
-    training = words(TRAIN_SYNONYMS, TRAIN_TEMPLATES)
+    evaluation = vocabulary(TEMPLATES, table_phrases(SYNONYMS)) - grammar_vocabulary()
+    training = vocabulary(TRAIN_TEMPLATES, table_phrases(TRAIN_SYNONYMS))
     assert {"crimson", "backdrop", "upper"} <= evaluation and {"ruby", "northwest"} <= training
     assert not evaluation & training, sorted(evaluation & training)
     assert TRAIN_SYNONYMS.keys() == SYNONYMS.keys()
