@@ -114,6 +114,16 @@ class PromptPix(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def unfreeze_text_encoder(self) -> None:
+        """Fine-tune a frozen pretrained encoder from now on (train frozen with the caption
+        cache, then unfreeze): its weights become trainable and, like any fine-tuned
+        encoder's, are stored in checkpoints from here on."""
+        c = self.config
+        if not (c.use_text and c.text_encoder == "minilm"):
+            raise PromptPixError("only a pretrained (minilm) text encoder can be unfrozen")
+        self.text.unfreeze()
+        c.finetune_text_encoder = True
+
     def package_state_keys(self) -> set[str]:
         """State-dict keys a checkpoint leaves out: the frozen encoder's, read from its
         package at load time (90 MB that never change would otherwise fill every file)."""

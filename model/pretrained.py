@@ -219,6 +219,13 @@ class PretrainedTextEncoder(nn.Module):
         self.cache_size = n
         self._cache.clear()
 
+    def unfreeze(self) -> None:
+        """Trainable from now on: no cache, dropout when training, gradients for BERT."""
+        self.set_cache_size(0)
+        self.finetune = True
+        self.bert.requires_grad_(True)
+        self.train(self.training)
+
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.bert(input_ids=ids, attention_mask=mask.long())
         return out.last_hidden_state  # (B, L, 384)

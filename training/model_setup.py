@@ -109,7 +109,12 @@ def build_fresh_model(cfg: TrainConfig, train_ds: Dataset, d: D.DistInfo
 
 def load_for_resume(path: Path, cfg: TrainConfig, master: bool
                     ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    """The checkpoint's model (architecture from the file, not the flags) and its train_state."""
+    """The checkpoint's model (architecture from the file, not the flags) and its train_state.
+
+    One flag does change a resumed model: `--finetune_text_encoder true` on a checkpoint
+    whose MiniLM was frozen unfreezes it (train frozen with the caption cache, then
+    fine-tune); the trainer gives its weights fresh AdamW groups.
+    """
     from model import CheckpointError, load_checkpoint
 
     model, meta = load_checkpoint(path, map_location="cpu")
@@ -117,16 +122,30 @@ def load_for_resume(path: Path, cfg: TrainConfig, master: bool
     if not train_state:
         raise CheckpointError(
             f"{path} has no train_state (best_model.pth files omit it); resume from latest.pth")
+    unfreeze = bool(cfg.finetune_text_encoder and model.package_state_keys())
     if master:
         saved = model.config.to_dict()
         differ = [f"--{k}" for k, v in model_config_kwargs(cfg).items()
-                  if k in saved and saved[k] != v and k != "dropout"]
+                  if k in saved and saved[k] != v and k != "dropout"
+                  and not (unfreeze and k == "finetune_text_encoder")]
         if differ:
             log.warning("resuming %s: the checkpoint's architecture wins over %s",
                         path, ", ".join(differ))
         if meta.get("dataset") not in (None, cfg.dataset):
             log.warning("resuming a %s checkpoint on dataset %s", meta.get("dataset"),
                         cfg.dataset)
+    if unfreeze:
+        # The file's raw weights leave the frozen encoder out: it is the package's, which
+        # load_checkpoint has checked against the recorded SHA-256 and loaded.
+        keys = model.package_state_keys()
+        encoder = {k: v for k, v in model.state_dict().items() if k in keys}
+        model.unfreeze_text_encoder()
+        if train_state.get("model") is not None:
+            train_state = {**train_state, "model": {**encoder, **train_state["model"]}}
+        if master:
+            log.info("unfreezing the checkpoint's MiniLM at step %d: it trains at "
+                     "--text_encoder_lr and is stored in checkpoints from now on",
+                     int(train_state["step"]))
     return model, meta, train_state
 
 

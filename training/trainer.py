@@ -128,7 +128,14 @@ class Trainer:
             from model.checkpoint import load_model_state
 
             load_model_state(self.model, ts["model"])  # strict, bar a frozen encoder's
-        self.optimizer.load_state_dict(ts["optimizer"])
+        saved = ts["optimizer"]
+        have = len(saved["param_groups"])
+        if have < len(self.group_names) and set(self.group_names[have:]) == {"pretrained"}:
+            # A frozen encoder unfrozen on resume (load_for_resume): its groups come after
+            # the decoder's and start with fresh AdamW moments.
+            fresh = self.optimizer.state_dict()["param_groups"][have:]
+            saved = {**saved, "param_groups": [*saved["param_groups"], *fresh]}
+        self.optimizer.load_state_dict(saved)
         self.scaler.load_state_dict(ts["scaler"])
         if self.ema is not None:
             # The EMA was copied from the file's weights (the EMA ones when EMA was on)

@@ -122,6 +122,42 @@ def test_finetuned_encoder_trains_and_is_stored(tmp_path: Path, one_thread: None
 
 
 @needs_minilm
+def test_frozen_encoder_unfreezes_on_resume(minilm_run: dict[str, Any], tmp_path: Path,
+                                            one_thread: None) -> None:
+    """Train frozen (cached), then resume with --finetune_text_encoder true: the encoder
+    joins the optimizer at --text_encoder_lr, moves, and is stored from then on."""
+    from model import load_checkpoint
+
+    ck = tmp_path / "run"
+    shutil.copytree(minilm_run["dir"], ck)
+    name = "text.bert.encoder.layer.0.attention.self.query.weight"
+    frozen, meta = load_checkpoint(ck / "latest.pth")
+    start = int(meta["train_state"]["step"])  # 3, or 4 after the resume test above
+    finetune = [*MINILM[:-2], "--finetune_text_encoder", "true", "--text_encoder_lr", "2e-5",
+                "--lr", "1e-3", "--warmup_steps", "0", "--lr_decay_steps", "1000", "--resume"]
+    t = Trainer(parse_train_args([*TINY, *finetune, "--max_steps", str(start + 2),
+                                  "--checkpoint_dir", str(ck)]), DistInfo())
+    assert t.step == start and t.text_cache is None
+    assert t.group_names == ["model", "model", "pretrained", "pretrained"]
+    encoder_params = {id(p) for n, p in t.model.named_parameters() if n.startswith("text.bert.")}
+    for g, group_name in zip(t.optimizer.param_groups, t.group_names, strict=True):
+        assert {id(p) in encoder_params for p in g["params"]} == {group_name == "pretrained"}
+    # The decoder's AdamW moments come back from the file; the encoder's start empty.
+    assert all(t.optimizer.state[p] for g in t.optimizer.param_groups[:2] for p in g["params"])
+    assert not any(t.optimizer.state[p] for g in t.optimizer.param_groups[2:] for p in g["params"])
+    assert t.fit() == 0 and t.step == start + 2
+    moved = (t.model.state_dict()[name] - frozen.state_dict()[name]).abs().max()
+    assert 0 < moved <= 2.5 * 2e-5  # two AdamW steps at the encoder's own LR
+    model, meta = load_checkpoint(ck / "latest.pth")
+    assert meta["config"]["finetune_text_encoder"] is True
+    # The file holds the EMA weights (--ema), which now average the encoder too.
+    assert torch.equal(model.state_dict()[name], t.ema.module.state_dict()[name])
+    assert not torch.equal(model.state_dict()[name], frozen.state_dict()[name])
+    # ...and the fine-tuned file resumes as any fine-tuned run does.
+    assert run_trainer(ck, *finetune, "--max_steps", str(start + 3)).step == start + 3
+
+
+@needs_minilm
 def test_minilm_checkpoint_serves_through_a_worker(minilm_run: dict[str, Any], redis_url: str,
                                                    tmp_path: Path) -> None:
     """A real `python -m worker.runtime` loads it with every non-loopback connection refused."""
