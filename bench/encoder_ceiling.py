@@ -13,8 +13,9 @@ and `TRAIN_SYNONYMS`) and scored only on the evaluation's unseen synonyms (`SYNO
 - **zero-shot**: the grammar word nearest to the synonym (mean token state of the word
   alone, last layer, cosine) — what the encoder's geometry says with no training at all;
 - **frozen read-out**: a linear classifier on the word's own token states inside four
-  sentences, at each of the 7 hidden layers; the best layer is reported (the most a
-  decoder reading frozen states linearly could get from them);
+  sentences, at each of the 7 hidden layers; the best layer on the unseen words is
+  reported (chosen on them, so optimistic: the most a decoder reading frozen states
+  linearly could get);
 - **fine-tuned**: the whole encoder plus one linear head per fact, trained for `--steps`
   batches on captions drawn as `--shapes_synonym_prob 0.5` draws them, then scored on the
   one-synonym probe prompts of `bench/synonyms.py` and on whole paraphrases. The facts
