@@ -116,6 +116,7 @@ def frozen_readout(bert: torch.nn.Module, tok: MiniLMTokenizer, fact: str
 
 
 def zero_shot(bert: torch.nn.Module, tok: MiniLMTokenizer, fact: str) -> float:
+    """Share of unseen synonyms whose nearest grammar word (word alone, last layer) is right."""
     def emb(words: list[str]) -> torch.Tensor:
         ids, mask = tok.encode_batch(words, 16)
         with torch.no_grad():
