@@ -37,7 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.synonyms import probe_prompts  # noqa: E402
-from model.pretrained import MiniLMTokenizer, load_bert  # noqa: E402
+from model.pretrained import (  # noqa: E402
+    WIDTH,
+    MiniLMTokenizer,
+    PretrainedTextEncoder,
+    load_bert,
+)
 from training.datasets import shapes as S  # noqa: E402
 from training.paraphrase import SYNONYMS, TRAIN_SYNONYMS, paraphrase, reword_for_training  # noqa: E402
 
@@ -133,18 +138,17 @@ def zero_shot(bert: torch.nn.Module, tok: MiniLMTokenizer, fact: str) -> float:
 
 
 class Heads(torch.nn.Module):
-    """The encoder, masked mean of its last states, one linear head per fact."""
+    """The fine-tuned encoder as the image model has it (its pooled states), one linear
+    head per fact."""
 
-    def __init__(self, bert: torch.nn.Module) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.bert = bert
+        self.text = PretrainedTextEncoder(finetune=True)
         self.heads = torch.nn.ModuleDict(
-            {f: torch.nn.Linear(bert.config.hidden_size, len(VALUES[f])) for f in FACTS})
+            {f: torch.nn.Linear(WIDTH, len(VALUES[f])) for f in FACTS})
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        m = mask.unsqueeze(-1).float()
-        pooled = (h * m).sum(1) / m.sum(1)
+        _, pooled = self.text(ids, mask)
         return {f: head(pooled) for f, head in self.heads.items()}
 
 
@@ -154,9 +158,9 @@ def fine_tuned(tok: MiniLMTokenizer, steps: int, seed: int
     probe prompts — only the reworded fact scored, whole paraphrases)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    net = Heads(load_bert())
+    net = Heads()
     opt = torch.optim.AdamW([
-        {"params": net.bert.parameters(), "lr": 3e-5},  # --text_encoder_lr's default
+        {"params": net.text.parameters(), "lr": 3e-5},  # --text_encoder_lr's default
         {"params": net.heads.parameters(), "lr": 1e-3}])
 
     def facts() -> dict[str, str]:
