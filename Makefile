@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test lint up reliability bench demo clean
+.PHONY: install browser kubectl deploy-tools test lint up reliability bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,7 +26,26 @@ browser:
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 	  >/dev/null; } || echo "make: could not install chromium; the browser test will be skipped"
 
-test: $(STAMP) browser
+# Offline validation of deploy/kubernetes (tests/deploy): Debian's kubectl, whose built-in
+# kustomize (v2.0.3) is the oldest the manifests must render with, and checkov in a venv of
+# its own (the `deploy` extra: checkov pins packaging<24 and networkx<2.7, older than the
+# dev extra's pytest and torch take). Where either cannot be installed, the tests that need
+# it skip and say why.
+DEPLOY_VENV := $(VENV)/deploy
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  kubernetes-client >/dev/null; } || echo "make: could not install kubectl; tests/deploy will be skipped"
+
+$(DEPLOY_VENV)/.installed: pyproject.toml
+	@{ { test -x $(DEPLOY_VENV)/bin/python || $(PY) -m venv $(DEPLOY_VENV); } \
+	  && $(DEPLOY_VENV)/bin/pip install -q --upgrade pip \
+	  && $(DEPLOY_VENV)/bin/pip install -q '.[deploy]' && touch $@; } \
+	  || echo "make: could not install checkov; its test in tests/deploy will be skipped"
+
+deploy-tools: $(DEPLOY_VENV)/.installed
+
+test: $(STAMP) browser kubectl deploy-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
