@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import bisect
 import heapq
+import itertools
 import json
 import math
 import random
@@ -85,33 +86,42 @@ def speedup_at(k: int, points: dict[int, float]) -> float:
 
 @dataclass
 class Service:
-    """Time for a batch of k one-image jobs: k * per_image / speedup(k), where per_image is
-    fixed (`fixed`), exponential with that mean (`exp`, for the closed forms), or drawn
-    from measured samples (`empirical`)."""
+    """Time a worker spends on a batch of k one-image jobs: k * per_image / speedup(k) +
+    overhead, where per_image is fixed (`fixed`), exponential with that mean (`exp`, for the
+    closed forms), drawn from measured samples (`empirical`), or the measured samples in
+    order, job i taking sample i (`replay`: keeps slow spells together), and overhead is the
+    worker's time per batch outside sampling (taking the job, storing the PNGs)."""
 
     per_image: float
     kind: str = "fixed"
     samples: Sequence[float] = ()
     speedup: dict[int, float] | None = None
     seed: int = 1
+    overhead: float = 0.0  # per batch, outside sampling: dequeue, result storage, bookkeeping
 
     def __post_init__(self) -> None:
-        if self.kind not in ("fixed", "exp", "empirical"):
-            raise ValueError(f"service kind must be fixed, exp or empirical, got {self.kind!r}")
-        if self.kind == "empirical" and not self.samples:
+        if self.kind not in ("fixed", "exp", "empirical", "replay"):
+            raise ValueError("service kind must be fixed, exp, empirical or replay, "
+                             f"got {self.kind!r}")
+        if self.kind in ("empirical", "replay") and not self.samples:
             raise ValueError("an empirical service needs measured samples")
         if self.per_image <= 0:
             raise ValueError(f"per-image service time must be > 0 s, got {self.per_image}")
         self._rng = random.Random(self.seed)
+        self._next = 0
 
     def batch_time(self, k: int) -> float:
         if self.kind == "exp":
             one = self._rng.expovariate(1.0 / self.per_image)
         elif self.kind == "empirical":
             one = self._rng.choice(self.samples)
+        elif self.kind == "replay":  # the measured times in job order (FIFO: start order)
+            took = sum(self.samples[(self._next + i) % len(self.samples)] for i in range(k))
+            self._next += k
+            return took / speedup_at(k, self.speedup or {1: 1.0}) + self.overhead
         else:
             one = self.per_image
-        return k * one / speedup_at(k, self.speedup or {1: 1.0})
+        return k * one / speedup_at(k, self.speedup or {1: 1.0}) + self.overhead
 
 
 # --------------------------------------------------------------------------- simulation
@@ -220,22 +230,25 @@ def parse_range(spec: str) -> list[int]:
 
 def table(per_image: float, rates: Sequence[float], workers: Sequence[int], max_batch: int,
           speedup: dict[int, float], duration: float, target_p95: float, seed: int = 0,
-          out: Callable[[str], None] = print) -> list[dict]:
+          overhead: float = 0.0, out: Callable[[str], None] = print) -> list[dict]:
     """Print p50/p95/p99 wait and utilisation for each rate and worker count; return rows
     (with the smallest count meeting the p95 target marked)."""
     rows = []
-    out(f"per-image sampling time {per_image:.3f} s, max batch {max_batch}, "
+    out(f"per-image sampling time {per_image:.3f} s + {overhead:.3f} s a batch outside "
+        f"sampling, max batch {max_batch}, "
         f"speed-up {speedup}, Poisson arrivals over {duration:.0f} s (seed {seed})")
     out(f"{'rate/s':>7} {'c':>3} {'p50 s':>8} {'p95 s':>8} {'p99 s':>8} {'util':>6}")
     for rate in rates:
         arrivals = poisson_arrivals(rate, duration, seed)
         best = None
         for c in workers:
-            capacity = c * speedup_at(max_batch, speedup) / per_image
+            capacity = c * max_batch / (max_batch * per_image / speedup_at(max_batch, speedup)
+                                        + overhead)
             if rate >= capacity:  # unstable: the queue grows without bound
                 out(f"{rate:>7g} {c:>3}   unstable: rate >= capacity {capacity:.2f}/s")
                 continue
-            s = simulate(arrivals, c, Service(per_image, speedup=speedup), max_batch).summary()
+            s = simulate(arrivals, c, Service(per_image, speedup=speedup, overhead=overhead),
+                         max_batch).summary()
             row = {"rate": rate, "workers": c, **{k: round(v, 3) for k, v in s.items()}}
             rows.append(row)
             mark = ""
@@ -319,18 +332,27 @@ def measure(args: argparse.Namespace) -> dict:
         api.stop()
         rs.cleanup()
     failed = [j for j in jobs if j["status"] != "succeeded"]
+    overheads = worker_overheads(jobs)
     waits = [float(j["started_at"]) - float(j["created_at"]) for j in jobs]
     # Sampling time of each job (batch 1: one job = one image).
     samples = [float(j["finished_at"]) - float(j["started_at"]) for j in jobs]
+    in_order = [s for _, s in sorted(zip((float(j["created_at"]) for j in jobs), samples,
+                                         strict=True))]
     per_image = statistics.fmean(per_image_from_metrics(t) for t in metrics_text)
     # Simulate the same submission times (as the server stamped them) with the measured
     # sampling times: fixed at the metrics' mean, and resampled from the jobs' own times.
     created = sorted(float(j["created_at"]) for j in jobs)
     stamped = [t - created[0] for t in created]
+    overhead = statistics.fmean(overheads) if overheads else 0.0
     sim_fixed = simulate(stamped, args.workers, Service(per_image), args.max_batch).summary()
+    sim_over = simulate(stamped, args.workers, Service(per_image, overhead=overhead),
+                        args.max_batch).summary()
     sim_emp = simulate(stamped, args.workers,
-                       Service(statistics.fmean(samples), "empirical", samples),
-                       args.max_batch).summary()
+                       Service(statistics.fmean(samples), "empirical", samples,
+                               overhead=overhead), args.max_batch).summary()
+    sim_replay = simulate(stamped, args.workers,
+                          Service(statistics.fmean(samples), "replay", in_order,
+                                  overhead=overhead), args.max_batch).summary()
     measured = {"p50": pct(waits, 0.5), "p95": pct(waits, 0.95), "p99": pct(waits, 0.99),
                 "mean": statistics.fmean(waits)}
     return {"jobs": len(jobs), "failed": len(failed), "workers": args.workers,
@@ -339,11 +361,31 @@ def measure(args: argparse.Namespace) -> dict:
             "sampling_s_jobs": {"mean": round(statistics.fmean(samples), 4),
                                 "p50": round(pct(samples, 0.5), 4),
                                 "p95": round(pct(samples, 0.95), 4)},
-            "offered_utilisation": round(len(jobs) / (stamped[-1] or 1) * per_image
-                                         / args.workers, 3),
-            "wait_s": {"measured": _round(measured), "simulated_fixed": _round(sim_fixed),
-                       "simulated_empirical": _round(sim_emp)},
+            "overhead_s_per_job": round(overhead, 4), "overhead_samples": len(overheads),
+            "offered_utilisation": round(len(jobs) / (stamped[-1] or 1)
+                                         * (per_image + overhead) / args.workers, 3),
+            "wait_s": {"measured": _round(measured),
+                       "simulated_sampling_only": _round(sim_fixed),
+                       "simulated_with_overhead": _round(sim_over),
+                       "simulated_empirical": _round(sim_emp),
+                       "simulated_replayed": _round(sim_replay)},
             "arrivals_s": [round(a, 4) for a in stamped], "logs": str(tmp)}
+
+
+def worker_overheads(jobs: list[dict[str, str]]) -> list[float]:
+    """Per worker, the gap between finishing a job and starting the next one while that
+    next one was already queued: time the worker spends on a job outside sampling."""
+    by_worker: dict[str, list[dict[str, str]]] = {}
+    for j in jobs:
+        if j.get("started_at") and j.get("finished_at"):
+            by_worker.setdefault(j.get("worker", ""), []).append(j)
+    gaps = []
+    for done in by_worker.values():
+        done.sort(key=lambda j: float(j["started_at"]))
+        for prev, nxt in itertools.pairwise(done):
+            if float(nxt["created_at"]) < float(prev["finished_at"]):
+                gaps.append(float(nxt["started_at"]) - float(prev["finished_at"]))
+    return gaps
 
 
 def _round(d: dict[str, float]) -> dict[str, float]:
@@ -354,12 +396,13 @@ def print_measure(report: dict) -> None:
     w = report["wait_s"]
     print(f"{report['jobs']} jobs ({report['failed']} failed), {report['workers']} workers, "
           f"max batch {report['max_batch']}, per-image sampling "
-          f"{report['per_image_s_from_metrics']} s (metrics), "
+          f"{report['per_image_s_from_metrics']} s (metrics) + overhead "
+          f"{report['overhead_s_per_job']} s a job, "
           f"offered utilisation {report['offered_utilisation']}")
-    print(f"{'wait s':<22} {'p50':>7} {'p95':>7} {'p99':>7} {'mean':>7}")
-    for name in ("measured", "simulated_fixed", "simulated_empirical"):
+    print(f"{'wait s':<24} {'p50':>7} {'p95':>7} {'p99':>7} {'mean':>7}")
+    for name in w:
         row = w[name]
-        print(f"{name:<22} {row['p50']:>7.3f} {row['p95']:>7.3f} {row['p99']:>7.3f} "
+        print(f"{name:<24} {row['p50']:>7.3f} {row['p95']:>7.3f} {row['p99']:>7.3f} "
               f"{row['mean']:>7.3f}")
 
 
@@ -384,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--rates", type=float, nargs="+", required=True, help="arrival rates, jobs/s")
     t.add_argument("--workers", default="1-16", help="worker counts, e.g. 1-16 or 1,2,4")
     t.add_argument("--max-batch", type=int, default=1, help="PROMPTPIX_MAX_BATCH")
+    t.add_argument("--overhead", type=float, default=0.0,
+                   help="worker seconds per batch outside sampling (`measure` reports it)")
     t.add_argument("--batch-speedup", default="8:2.89",
                    help="measured speed-up points k:x (default: this CPU's, docs/benchmarks.md)")
     t.add_argument("--duration", type=float, default=3600.0, help="simulated seconds")
@@ -416,14 +461,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trace {args.trace}: {len(arrivals)} arrivals over {arrivals[-1]:.0f} s")
             rows = []
             for c in parse_range(args.workers):
-                s = simulate(arrivals, c, Service(per_image, speedup=speedup),
+                s = simulate(arrivals, c, Service(per_image, speedup=speedup,
+                                                  overhead=args.overhead),
                              args.max_batch).summary()
                 rows.append({"workers": c, **_round(s)})
                 print(f"c={c:>3} p50 {s['p50']:.2f} p95 {s['p95']:.2f} p99 {s['p99']:.2f} "
                       f"util {s['utilisation']:.2f}")
         else:
             rows = table(per_image, args.rates, parse_range(args.workers), args.max_batch,
-                         speedup, args.duration, args.target_p95, args.seed)
+                         speedup, args.duration, args.target_p95, args.seed, args.overhead)
         report = {"per_image_s": per_image, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -67,3 +67,9 @@ def test_worker_range() -> None:
     assert parse_range("1-3,8") == [1, 2, 3, 8]
     with pytest.raises(ValueError, match="range"):
         parse_range("0-2")
+
+
+def test_replayed_service_times_keep_their_order() -> None:
+    """`replay` gives job i its own measured time: a slow spell stays together."""
+    s = simulate([0.0, 0.1, 0.2], 1, Service(1.0, "replay", [1.0, 3.0, 0.5]))
+    assert s.waits == pytest.approx([0.0, 0.9, 3.8])
