@@ -162,8 +162,15 @@ def is_png(path: Path) -> bool:
         return False
 
 
+def need_curl_and_jq() -> None:
+    missing = [tool for tool in ("curl", "jq") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (`make tools` installs them)")
+
+
 def test_banner_commands_run_as_printed(service: Service) -> None:
     """`make up`'s "try it" lines, pasted into another terminal in the same folder."""
+    need_curl_and_jq()
     banner = service.log().split("promptpix is ready", 1)[1]
     tail = banner.split("Try it", 1)[1].split("\n", 1)[1]
     script = tail.split("\n\n", 1)[0]
@@ -174,6 +181,7 @@ def test_banner_commands_run_as_printed(service: Service) -> None:
 
 
 def test_curl_walk_through(blocks: dict[str, str], service: Service) -> None:
+    need_curl_and_jq()
     work = linked_venv(service.home / "curl")
     out = bash(with_url(blocks["curl"], service.url), work, service.env)
     lines = out.strip().splitlines()
