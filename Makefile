@@ -4,11 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser kubectl deploy-tools test lint up reliability bench demo clean
+.PHONY: install browser tools kubectl deploy-tools test lint up reliability bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	# setuptools >= 77 (pyproject.toml's build requirement) also for tests/e2e/test_readme.py's
+	# offline, non-isolated dry run of the README's install line.
+	$(BIN)/pip install -q --upgrade pip 'setuptools>=77'
 	# torch pinned first, from this exact version (the CPU wheel on CPU machines).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
@@ -45,7 +47,15 @@ $(DEPLOY_VENV)/.installed: pyproject.toml
 
 deploy-tools: $(DEPLOY_VENV)/.installed
 
-test: $(STAMP) browser kubectl deploy-tools
+# curl and jq: the README's walk-through uses them and tests/e2e/test_readme.py runs it
+# (it skips, saying why, where they are missing).
+tools:
+	@command -v curl >/dev/null 2>&1 && command -v jq >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] \
+	  && command -v apt-get >/dev/null && apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl jq >/dev/null; } \
+	  || echo "make: could not install curl and jq; the README test will skip the curl steps"
+
+test: $(STAMP) browser tools kubectl deploy-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -187,20 +188,39 @@ def example_prompt(base_url: str, api_key: str | None) -> str:
     return DEFAULT_PROMPT
 
 
+def cli_command() -> str:
+    """How to run `promptpix` from the launcher's folder: the bare name only when PATH finds
+    this installation (an activated venv), else its path (`.venv/bin/promptpix` after `make up`).
+    """
+    exe = Path(sys.executable).parent / "promptpix"
+    if not exe.is_file():
+        return f"{shlex.quote(sys.executable)} -m promptpix_cli"
+    found = shutil.which("promptpix")
+    if found and Path(found).resolve() == exe.resolve():
+        return "promptpix"
+    try:
+        return shlex.quote(str(exe.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(exe))
+
+
 def banner(base_url: str, prompt: str, keys_on: bool) -> str:
+    """The ready message: where the service is, and two commands to paste as printed."""
     body = json.dumps({"prompt": prompt, "num_images": 4, "seed": 1})
     auth = ' -H "Authorization: Bearer $PROMPTPIX_API_KEY"' if keys_on else ""
+    key_note = ["    # keys are on: export PROMPTPIX_API_KEY=<your key> first"] if keys_on else []
     return "\n".join([
         "",
         f"  promptpix is ready:  {base_url}/",
         f"  API docs:            {base_url}/docs",
         f"  metrics:             {base_url}/metrics",
         "",
-        "  Try it:",
+        "  Try it from another terminal, in this folder:",
+        *key_note,
+        f"    {cli_command()} submit {shlex.quote(prompt)} --num-images 4 --seed 1 --wait \\",
+        f"      --out ./out --url {base_url}",
         f"    curl -s -X POST {base_url}/v1/generations{auth} \\",
         f"      -H 'Content-Type: application/json' -d {shlex.quote(body)}",
-        f"    promptpix submit {shlex.quote(prompt)} --num-images 4 --seed 1 --wait "
-        f"--out ./out --url {base_url}",
         "",
         "  Ctrl-C stops everything (twice: at once).",
         "",
