@@ -34,7 +34,7 @@ expect = sync_api.expect
 Page = sync_api.Page
 Locator = sync_api.Locator
 
-API_KEY = "e2e-secret-key"
+API_KEY = "e2e-secret-key-0123456"
 SCREENSHOT = os.environ.get("PROMPTPIX_SCREENSHOT")
 DEMO = ROOT / "checkpoints" / "demo" / "shapes16.pth"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
