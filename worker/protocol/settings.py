@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # loopback names, checked on loopback connections only; set = checked on every
     # connection; "*" = no check.
     allowed_hosts: str | None = None
-    forwarded_allow_ips: str = "127.0.0.1"  # proxies whose X-Forwarded-For is believed
+    forwarded_allow_ips: str = "127.0.0.1,::1"  # proxies whose X-Forwarded-For is believed
     auth_failure_limit: int = Field(30, ge=0)  # failed auths a minute per address; 0 = off
     worker_metrics_host: str = "127.0.0.1"
     # --- client (`promptpix submit`)
