@@ -106,6 +106,15 @@ def test_submit_poll_pngs(stack: Stack) -> None:
     assert stack.http.get(f"/v1/generations/{job['id']}/images/3.png").status_code == 404
 
 
+def test_class_label_checked_against_the_served_model(stack: Stack) -> None:
+    """The tiny model has no classes: any class label is a 422 before it is queued."""
+    (model,) = stack.http.get("/v1/models").json()["models"]
+    label = int(model.get("num_classes") or 0)
+    r = stack.http.post("/v1/generations", json={"prompt": "a red square", "class_label": label})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "class_label", r.text
+    assert stack.store.queue_depth() == 0
+
+
 def test_same_seed_reproduces(stack: Stack) -> None:
     body = {"prompt": "a blue square", "num_images": 2, "seed": 42, "temperature": 0.9}
     runs = []
