@@ -1,4 +1,7 @@
-"""`/docs`: Swagger UI served from this server (the `swagger-ui-bundle` package), no CDN.
+"""`/docs`: Swagger UI served from this server, no CDN.
+
+Its files come from the `fastapi-offline` package (Swagger UI 5; the `swagger-ui-bundle`
+package ships Swagger UI 4, which cannot read FastAPI's OpenAPI 3.1 schema).
 
 The page keeping the API key in localStorage shares this origin, so no third-party script
 may run here; the CSP (`default-src 'self'`) would block one anyway. The init script is
@@ -7,6 +10,7 @@ may run here; the CSP (`default-src 'self'`) would block one anyway. The init sc
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -35,12 +39,11 @@ PAGE = f"""<!doctype html>
 
 
 def swagger_assets() -> Path | None:
-    """The folder of Swagger UI's files from `swagger-ui-bundle`, None when not installed."""
-    try:
-        from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
-    except ImportError:
+    """The folder of Swagger UI's files (from `fastapi-offline`), None when not installed."""
+    spec = importlib.util.find_spec("fastapi_offline")  # its files only: nothing imported
+    if spec is None or spec.origin is None:
         return None
-    path = Path(swagger_ui_path)
+    path = Path(spec.origin).parent / "static"
     return path if (path / "swagger-ui-bundle.js").is_file() else None
 
 
@@ -48,5 +51,5 @@ def swagger_assets() -> Path | None:
 def docs() -> HTMLResponse:
     """Swagger UI for `/openapi.json`."""
     if swagger_assets() is None:
-        raise not_found("API docs (install the `swagger-ui-bundle` package)")
+        raise not_found("API docs (install the `fastapi-offline` package)")
     return HTMLResponse(PAGE)

@@ -48,7 +48,7 @@ def _operations(c: TestClient) -> set[tuple[str, str]]:
     def walk(routes: list) -> None:
         for route in routes:
             if isinstance(route, Mount):
-                # The web page's files and Swagger UI's (from the swagger-ui-bundle package).
+                # The web page's files and Swagger UI's (from the fastapi-offline package).
                 assert route.path in ("/static", "/swagger-ui"), route.path
             elif getattr(route, "methods", None) and getattr(route, "path", None):
                 ops.update((m, route.path) for m in route.methods - {"HEAD"})
