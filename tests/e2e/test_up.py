@@ -122,18 +122,13 @@ def test_up_refuses_a_busy_port(tmp_path: Path, checkpoint: Path) -> None:
     assert "redis" not in res.stdout  # it stopped before starting anything
 
 
-def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(e.decode(errors="replace").partition("=")[::2] for e in raw if b"=" in e)
-
-
 def test_private_redis_has_a_password_and_a_terminal_ctrl_c_stops_it_last(up: UpStack) -> None:
     up.wait_ready()
     started = descendants(up.proc.pid)
     redis_pid = next(p for p, cmd in started.items() if "redis-server" in cmd)
     others = [p for p, cmd in started.items() if "promptpix_cli" in cmd]
     assert len(others) == 2, started  # the worker and the API
-    url = _environ(others[0])["PROMPTPIX_REDIS_URL"]
+    url = up.redis_url()
     password = re.fullmatch(r"redis://:([^@]+)@127\.0\.0\.1:(\d+)/0", url).group(1)
     port = int(re.search(r"redis-server on redis://127.0.0.1:(\d+)", up.log()).group(1))
     assert len(password) >= 32
