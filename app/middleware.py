@@ -109,9 +109,13 @@ class SecurityHeadersMiddleware:
 
 def _is_loopback(address: str) -> bool:
     try:
-        return ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        return False
+        return False  # a unix socket's path, say: no rebinding through a browser
+    # A dual-stack listener sees IPv4 loopback as ::ffff:127.0.0.1.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _host_name(host_header: str) -> str:
