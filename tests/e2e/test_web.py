@@ -379,8 +379,10 @@ def test_a_page_following_five_running_jobs_stays_within_the_rate_limit(
     url = f"http://127.0.0.1:{port}"
     procs = [start_api(redis_url, port, tmp_path / "api.log")]  # default limits
     store = JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
+    # The first job's hook slows every row of the batch it leads (its mates wait for it).
     ids = [store.create_job(GenerationParams(prompt="a red square", seed=k),
-                            test_hooks={"row_delay": 4.0})[0] for k in range(WATCHED_JOBS)]
+                            test_hooks={"row_delay": 4.0} if k == 0 else None)[0]
+           for k in range(WATCHED_JOBS)]
     procs.append(start_worker(redis_url, tiny_checkpoint, tmp_path / "worker.log",
                               PROMPTPIX_MAX_BATCH=str(WATCHED_JOBS)))
     context = browser.new_context()
