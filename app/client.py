@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import httpx
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "canceled")
 POLL_INTERVAL_S = 0.25
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # what the server's ids look like (uuid4 hex)
 
 
 class ClientError(Exception):
@@ -57,12 +59,38 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def checked_job_id(value: object) -> str:
+    """A job id from the server, refused unless it is 32 hex digits (it names files)."""
+    if not isinstance(value, str) or not JOB_ID.fullmatch(value):
+        raise ClientError(f"the server sent a malformed job id {str(value)[:80]!r} "
+                          "(expected 32 hex digits)")
+    return value
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
+
+
 class Session:
-    """One server: base URL, auth header, and the calls `submit` makes."""
+    """One server: base URL, auth header, and the calls `submit` makes.
+
+    The API key is sent to the server's own origin only: a URL the server returns that
+    points elsewhere is refused, not fetched (redirects are not followed either).
+    """
 
     def __init__(self, url: str, api_key: str | None, timeout: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
+                                 follow_redirects=False)
+
+    def same_origin(self, url: str) -> str:
+        """`url` (relative or absolute) if it is on the server's origin, else ClientError."""
+        target = self.http.build_request("GET", url).url  # exactly what would be fetched
+        if _origin(target) != _origin(self.http.base_url):
+            raise ClientError(f"the server sent a URL on another origin ({url[:200]}); not "
+                              "fetched, so the API key stays with the server")
+        return url
 
     def close(self) -> None:
         self.http.close()
@@ -87,7 +115,7 @@ class Session:
         return self.call("DELETE", f"/v1/generations/{job_id}").json()
 
     def download(self, url: str) -> bytes:
-        return self.call("GET", url).content
+        return self.call("GET", self.same_origin(url)).content
 
 
 def _describe(job: dict[str, Any]) -> str:
@@ -120,8 +148,9 @@ def save_images(session: Session, job: dict[str, Any], out: Path) -> list[Path]:
     """Fetch every image of a succeeded job into `out`; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    job_id = checked_job_id(job.get("id"))
     for n, url in enumerate(job.get("images") or []):
-        path = out / f"{job['id']}-{n}.png"
+        path = out / f"{job_id}-{n}.png"
         path.write_bytes(session.download(url))
         paths.append(path)
     return paths
@@ -173,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     job_id = None
     try:
         job = session.submit(build_request(args), args.idempotency_key)
-        job_id = job["id"]
+        job_id = checked_job_id(job.get("id"))
         if not args.wait:
             print(json.dumps(job, indent=2))
             return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 from dataclasses import dataclass
 from typing import Annotated
@@ -19,6 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from worker.protocol import JobStore, Settings
 
 from .errors import ApiError, not_found
+from .ratelimit import WindowCounter
+
+logger = logging.getLogger(__name__)
 
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 _BEARER = re.compile(r"^Bearer[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
@@ -39,6 +43,18 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 @dataclass(frozen=True)
+class Limiters:
+    """The API's counters: requests per caller, failed authentications per address."""
+
+    requests: WindowCounter
+    auth_failures: WindowCounter
+
+    @classmethod
+    def for_store(cls, store: JobStore) -> Limiters:
+        return cls(WindowCounter(store.r, "rate"), WindowCounter(store.r, "authfail"))
+
+
+@dataclass(frozen=True)
 class Principal:
     """Who is calling: `owner` scopes jobs (hash of the key, '' when keys are off);
     `who` names the rate-limit bucket (the key's hash, or the client address)."""
@@ -52,12 +68,16 @@ def key_owner(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def client_address(request: Request) -> str:
+    """The caller's address (the proxy's client when PROMPTPIX_FORWARDED_ALLOW_IPS trusts it)."""
+    return request.client.host if request.client else "unknown"
+
+
 def check_api_key(request: Request, settings: Settings) -> Principal:
     """Resolve the caller; 401 when keys are on and the bearer key is missing or unknown."""
     keys = settings.api_key_list
     if not keys:
-        client = request.client.host if request.client else "unknown"
-        return Principal(owner="", who=f"ip:{client}")
+        return Principal(owner="", who=f"ip:{client_address(request)}")
     match = _BEARER.match(request.headers.get("authorization", ""))
     given = match.group(1).encode() if match else b""
     # Compare against every key, always, so timing says nothing about which one matched.
@@ -73,16 +93,49 @@ def check_api_key(request: Request, settings: Settings) -> Principal:
     return Principal(owner=owner, who=f"key:{owner}")
 
 
+def count_auth_failure(request: Request, settings: Settings, refusal: ApiError) -> ApiError:
+    """Count a failed authentication against the caller's address (reads Redis).
+
+    Returns the error to answer: the 401 as given, or 429 `auth_rate_limited` once the
+    address passed `PROMPTPIX_AUTH_FAILURE_LIMIT` failures this minute. Valid keys are
+    compared before anything is counted, so they keep working from that address.
+    """
+    limit = settings.auth_failure_limit
+    if limit <= 0:
+        return refusal
+    limiters: Limiters = request.app.state.limiters
+    address = client_address(request)
+    wait = limiters.auth_failures.hit(f"ip:{address}", limit)
+    if wait is None:
+        return refusal
+    logger.warning("over %d failed authentications a minute from %s", limit, address)
+    return ApiError(429, "auth_rate_limited",
+                    f"over {limit} failed authentications a minute from this address; "
+                    f"retry in {wait} s", headers={"Retry-After": str(wait)})
+
+
+def authenticate(request: Request, settings: Settings) -> Principal:
+    """`check_api_key`, counting failures (blocking: call from a thread or a `def` route)."""
+    try:
+        return check_api_key(request, settings)
+    except ApiError as e:
+        raise count_auth_failure(request, settings, e) from None
+
+
 async def authenticated(request: Request, settings: SettingsDep) -> Principal:
     """Dependency: the caller of a `/v1` route."""
-    return check_api_key(request, settings)
+    try:
+        return check_api_key(request, settings)  # no I/O: stays on the event loop
+    except ApiError as e:
+        raise await run_in_threadpool(count_auth_failure, request, settings, e) from None
 
 
 async def rate_limited(principal: Annotated[Principal, Depends(authenticated)],
-                       store: StoreDep, settings: SettingsDep) -> Principal:
+                       request: Request, settings: SettingsDep) -> Principal:
     """Dependency: the caller, after counting this request against `PROMPTPIX_RATE_LIMIT`."""
     if settings.rate_limit > 0:
-        wait = await run_in_threadpool(store.rate_hit, principal.who, settings.rate_limit)
+        limiters: Limiters = request.app.state.limiters
+        wait = await run_in_threadpool(limiters.requests.hit, principal.who, settings.rate_limit)
         if wait is not None:
             raise ApiError(429, "rate_limited",
                            f"over {settings.rate_limit} requests a minute; retry in {wait} s",

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 BODY_TOO_LARGE_SCOPE_KEY = "promptpix.body_too_large"
 REDIS_RETRY_AFTER_S = 5
+STORAGE_FULL_RETRY_AFTER_S = 30
 
 
 class ErrorDetail(BaseModel):
@@ -134,6 +135,25 @@ async def _on_redis_down(request: Request, exc: Exception) -> JSONResponse:
                           headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
 
 
+def is_storage_full(exc: BaseException) -> bool:
+    """True for Redis refusing a write because `maxmemory` is reached (`noeviction`).
+
+    A refused command inside MULTI aborts the transaction (EXECABORT) and names the OOM
+    only in its message, so the message is checked as well as the class.
+    """
+    return isinstance(exc, redis.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and "OOM" in str(exc))
+
+
+async def _on_redis_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_storage_full(exc):
+        logger.warning("Redis is full: refused %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "storage_full",
+                              "the job store (Redis) is full; retry later",
+                              headers={"Retry-After": str(STORAGE_FULL_RETRY_AFTER_S)})
+    return await _on_unexpected(request, exc)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal", "internal server error")
@@ -146,4 +166,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(redis.ConnectionError, _on_redis_down)
     app.add_exception_handler(redis.TimeoutError, _on_redis_down)
+    app.add_exception_handler(redis.ResponseError, _on_redis_error)
     app.add_exception_handler(Exception, _on_unexpected)

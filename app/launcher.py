@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -266,6 +267,8 @@ class Launcher:
         return False
 
     def shutdown(self, grace: float) -> None:
+        # The API and workers first, Redis last: they finish or hand back their jobs through
+        # it. (Redis has its own session, so a terminal's Ctrl-C does not reach it first.)
         if self.children:
             say("stopping ...")
             stop_children(self.children, grace + STOP_MARGIN_S, self.force)
@@ -318,9 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         if env.get("PROMPTPIX_REDIS_URL"):
             say(f"using Redis at {env['PROMPTPIX_REDIS_URL'].split('@')[-1]}")
         else:
-            launcher.redis = RedisServer().start()
+            # A password, so other local users cannot write jobs into it; it travels in the
+            # server's config file and the children's environment, never in argv or logs.
+            parent = os.getpid()
+            launcher.redis = RedisServer(password=secrets.token_urlsafe(32)).start(
+                preexec_fn=lambda: _child_setup(parent))
             env["PROMPTPIX_REDIS_URL"] = launcher.redis.url
-            say(f"started a private redis-server on {launcher.redis.url}")
+            say(f"started a private redis-server on {launcher.redis.safe_url} (password set)")
         if launcher.stop.is_set():  # Ctrl-C while Redis started
             return 0
         say(f"serving {env['PROMPTPIX_CHECKPOINT']}")

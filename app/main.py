@@ -15,10 +15,11 @@ from fastapi.staticfiles import StaticFiles
 
 from worker.protocol import JobStore, Settings, get_settings, redis_connection, start_reaper
 
+from .deps import Limiters
 from .errors import install_error_handlers
 from .metrics import MetricsMiddleware
-from .middleware import BodyLimitMiddleware
-from .routes import generations, models, service, web
+from .middleware import BodyLimitMiddleware, HostCheckMiddleware, SecurityHeadersMiddleware
+from .routes import docs, generations, models, service, web
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +44,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store.r.close()
 
     app = FastAPI(title="promptpix", version="0.1.0", description=DESCRIPTION,
-                  lifespan=lifespan, docs_url="/docs", redoc_url=None)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.store = store
+    app.state.limiters = Limiters.for_store(store)
     install_error_handlers(app)
     app.include_router(generations.router)
     app.include_router(models.router)
     app.include_router(service.router)
     app.include_router(web.router)
+    app.include_router(docs.router)
     if web.STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
-    # Added last = outermost: the body limit sees the request before anything reads it.
+    if (assets := docs.swagger_assets()) is not None:
+        app.mount(docs.ASSETS_PREFIX, StaticFiles(directory=assets), name="swagger-ui")
+    # Added last = outermost: the body limit sees the request before anything reads it;
+    # the Host check refuses before that, and every answer (refusals too) gets the headers.
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
+    app.add_middleware(SecurityHeadersMiddleware)
     return app

@@ -47,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("serving on http://%s:%d with %d process(es), Redis %s", args.host, args.port,
                 args.workers, settings.redis_url_safe)
+    # X-Forwarded-For is believed only from PROMPTPIX_FORWARDED_ALLOW_IPS (rate limits and
+    # failed-auth counts key on the client address); "" trusts no proxy.
     uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=args.log_level,
-                access_log=not args.no_access_log, timeout_graceful_shutdown=10)
+                access_log=not args.no_access_log, timeout_graceful_shutdown=10,
+                proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
     return 0
 
 

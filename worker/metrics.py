@@ -26,14 +26,20 @@ BATCH_JOBS = Histogram("promptpix_batch_jobs", "Jobs sampled together in one bat
 MODEL_LOADED = Gauge("promptpix_model_loaded", "1 when the model is loaded", ["checkpoint_id"])
 
 
-def serve_metrics(port: int) -> int:
-    """Start the metrics HTTP server; port 0 = the first free port from 9100. Returns it."""
+def serve_metrics(port: int, host: str | None = None) -> int:
+    """Start the metrics HTTP server on `host` (default `PROMPTPIX_WORKER_METRICS_HOST`,
+    127.0.0.1); port 0 = the first free port from 9100. Returns the port."""
+    if host is None:
+        from .protocol import get_settings
+
+        host = get_settings().worker_metrics_host
+    logger.info("worker metrics listen on %s", host)
     if port != 0:
-        start_http_server(port)
+        start_http_server(port, addr=host)
         return port
     for candidate in range(FIRST_AUTO_PORT, FIRST_AUTO_PORT + AUTO_PORT_TRIES):
         try:
-            start_http_server(candidate)
+            start_http_server(candidate, addr=host)
         except OSError:
             continue
         return candidate

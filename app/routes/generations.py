@@ -94,7 +94,9 @@ def _check_limits(body: GenerationRequest, settings: SettingsDep, store: StoreDe
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated,
              responses={200: {"model": JobCreated, "description": "Repeated Idempotency-Key"},
                         409: {"model": ErrorResponse,
-                              "description": "`idempotency_conflict`"}})
+                              "description": "`idempotency_conflict`"},
+                        503: {"model": ErrorResponse, "description": "Redis unreachable "
+                              "(`unavailable`) or full (`storage_full`); see Retry-After"}})
 def submit(
     body: GenerationRequest, response: Response, principal: PrincipalDep, store: StoreDep,
     settings: SettingsDep,

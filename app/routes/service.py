@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import SettingsDep, StoreDep, check_api_key
+from ..deps import SettingsDep, StoreDep, authenticate
 from ..errors import ErrorResponse, error_response
 from ..metrics import render_metrics
 from ..schemas import Readiness
@@ -40,5 +40,5 @@ def readyz(store: StoreDep) -> Readiness | JSONResponse:
 def metrics(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
     """Prometheus text; needs an API key when keys are on and PROMPTPIX_METRICS_PUBLIC=false."""
     if not settings.metrics_public:
-        check_api_key(request, settings)
+        authenticate(request, settings)
     return Response(render_metrics(store), media_type=CONTENT_TYPE_LATEST)

@@ -52,8 +52,41 @@ async function errorFrom(response) {
   );
 }
 
+// However many jobs the page follows, it sends at most this many API requests a second
+// (after a burst of BURST): 240 a minute, well under the server's default limit of 600 per
+// key or address, so a second tab fits too. Polls wait their turn; a submission or a
+// cancel goes ahead of them.
+const MAX_REQUESTS_PER_S = 4;
+const BURST = 8;
+const budget = { tokens: BURST, at: performance.now(), waiting: [], timer: null };
+
+function drainBudget() {
+  budget.timer = null;
+  const now = performance.now();
+  budget.tokens = Math.min(BURST, budget.tokens + ((now - budget.at) * MAX_REQUESTS_PER_S) / 1000);
+  budget.at = now;
+  while (budget.waiting.length && budget.tokens >= 1) {
+    budget.tokens -= 1;
+    budget.waiting.shift()();
+  }
+  if (budget.waiting.length) {
+    const wait = Math.ceil(((1 - budget.tokens) * 1000) / MAX_REQUESTS_PER_S);
+    budget.timer = setTimeout(drainBudget, wait);
+  }
+}
+
+/** Resolves when this page may send one more request. */
+function requestSlot(urgent) {
+  return new Promise((resolve) => {
+    if (urgent) budget.waiting.unshift(resolve);
+    else budget.waiting.push(resolve);
+    if (!budget.timer) drainBudget();
+  });
+}
+
 /** fetch() with the API key, no HTTP cache, and an ApiError for anything but 2xx. */
 export async function request(path, { method = "GET", body } = {}) {
+  await requestSlot(method !== "GET");
   const headers = {};
   const key = getApiKey();
   if (key) headers.Authorization = `Bearer ${key}`;

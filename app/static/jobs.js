@@ -7,8 +7,12 @@ import { PARAM_FIELDS } from "./form.js";
 const HISTORY_KEY = "promptpix.jobs";
 const HISTORY_LIMIT = 20;
 const FINAL = new Set(["succeeded", "failed", "canceled", "expired"]);
-// Progress is written at most 4 times a second, so polling faster would show nothing new.
-const POLL_MS = { running: 300, queued: 1000, hidden: 4000, error: 2000 };
+// Polls back off while a job waits, and the preview (a second request) is fetched at most
+// once a second and only when the progress moved: with api.js's request budget, a page
+// following many jobs stays well under the server's rate limit.
+const POLL_MS = { running: 500, queued: 2000, hidden: 4000, error: 2000 };
+const QUEUED_BACKOFF_MAX_MS = 5000; // a job long in the queue is asked about less often
+const PREVIEW_MIN_MS = 1000;
 const DISPLAY_PX = 128; // images are enlarged by a whole factor to about this many pixels
 
 /** The whole factor that brings `size` pixels nearest DISPLAY_PX without going over. */
@@ -96,6 +100,8 @@ class Job {
     this.polling = false;
     this.removed = false;
     this.previewProgress = null; // progress of the preview on screen
+    this.previewAt = 0; // when it was last fetched (performance.now())
+    this.queuedPolls = 0; // polls in a row that found it queued
     this.imagesShown = false;
     this.imageUrls = [];
     this.card = this.build();
@@ -204,7 +210,8 @@ class Job {
     if (data.params) this.record.params = { ...this.record.params, ...data.params };
     this.setStatus(data.status);
     this.render(data);
-    const previewDue = data.progress > 0 && data.progress !== this.previewProgress;
+    const previewDue = data.progress > 0 && data.progress !== this.previewProgress
+      && performance.now() - this.previewAt >= PREVIEW_MIN_MS;
     if (data.status === "running" && data.preview_url && previewDue) {
       await this.refreshPreview(data);
     }
@@ -215,6 +222,7 @@ class Job {
 
   /** The preview is a nicety: a failed fetch is retried at the next poll, not reported. */
   async refreshPreview(data) {
+    this.previewAt = performance.now();
     let strip;
     try {
       strip = await createImageBitmap(await fetchImage(data.preview_url, { bust: true }));
@@ -267,7 +275,7 @@ class Job {
     try {
       const data = await jobStatus(this.id);
       await this.apply(data);
-      delay = POLL_MS[data.status] || POLL_MS.error;
+      delay = this.nextDelay(data.status);
     } catch (error) {
       delay = this.pollFailed(error);
     } finally {
@@ -277,6 +285,16 @@ class Job {
       if (document.hidden) delay = Math.max(delay, POLL_MS.hidden);
       this.timer = setTimeout(() => this.poll(), delay);
     }
+  }
+
+  /** Milliseconds to the next poll: a queued job backs off, up to QUEUED_BACKOFF_MAX_MS. */
+  nextDelay(status) {
+    if (status !== "queued") {
+      this.queuedPolls = 0;
+      return POLL_MS[status] || POLL_MS.error;
+    }
+    this.queuedPolls += 1;
+    return Math.min(QUEUED_BACKOFF_MAX_MS, POLL_MS.queued * 1.25 ** (this.queuedPolls - 1));
   }
 
   /** Show a failed poll in the card; returns the delay before the next try. */

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from PIL import Image
 
 from app.redis_server import RedisServer, free_port
 from tests.worker.helpers import (
+    ROOT,
     Proc,
     finished,
     make_tiny_checkpoint,
@@ -99,6 +104,15 @@ def test_submit_poll_pngs(stack: Stack) -> None:
         assert img.text["model_id"] == models[0]["id"]
         assert json.loads(img.text["parameters"])["seed"] == 11 + k
     assert stack.http.get(f"/v1/generations/{job['id']}/images/3.png").status_code == 404
+
+
+def test_class_label_checked_against_the_served_model(stack: Stack) -> None:
+    """The tiny model has no classes: any class label is a 422 before it is queued."""
+    (model,) = stack.http.get("/v1/models").json()["models"]
+    label = int(model.get("num_classes") or 0)
+    r = stack.http.post("/v1/generations", json={"prompt": "a red square", "class_label": label})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "class_label", r.text
+    assert stack.store.queue_depth() == 0
 
 
 def test_same_seed_reproduces(stack: Stack) -> None:
@@ -190,3 +204,41 @@ def test_metrics_move(stack: Stack) -> None:
     assert float(line.split()[1]) > 0
     api = stack.http.get("/metrics").text
     assert "promptpix_workers 1.0" in api and "promptpix_jobs_submitted_total" in api
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on `port` (from /proc/net/tcp{,6})."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                raw = bytes.fromhex(addr)
+                words = [raw[i:i + 4][::-1] for i in range(0, len(raw), 4)]  # host order
+                packed = b"".join(words)
+                found.add(str(ipaddress.ip_address(packed)) if width == 8
+                          else str(ipaddress.IPv6Address(packed)))
+    return found
+
+
+def test_worker_metrics_listen_on_loopback_only(stack: Stack) -> None:
+    port = stack.worker_info()["metrics_port"]
+    assert listening_addresses(port) == {"127.0.0.1"}
+    assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+
+
+def test_worker_metrics_host_setting(tmp_path: Path) -> None:
+    """PROMPTPIX_WORKER_METRICS_HOST=0.0.0.0 (what compose sets) listens everywhere."""
+    port = free_port()
+    code = (f"import time; from worker.metrics import serve_metrics; serve_metrics({port}); "
+            "print('up', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT),
+                                 "PROMPTPIX_WORKER_METRICS_HOST": "0.0.0.0"})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        assert listening_addresses(port) == {"0.0.0.0"}
+    finally:
+        proc.kill()
+        proc.wait(10)

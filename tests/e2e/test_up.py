@@ -4,7 +4,9 @@ HTTP; Ctrl-C must leave no process and no listening port behind."""
 from __future__ import annotations
 
 import io
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.e2e.up_stack import UpStack, descendants
+from tests.e2e.up_stack import UpStack, alive, descendants
 from tests.worker.helpers import make_tiny_checkpoint, poll_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,3 +120,41 @@ def test_up_refuses_a_busy_port(tmp_path: Path, checkpoint: Path) -> None:
     assert res.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in res.stdout
     assert "redis" not in res.stdout  # it stopped before starting anything
+
+
+def test_private_redis_has_a_password_and_a_terminal_ctrl_c_stops_it_last(up: UpStack) -> None:
+    up.wait_ready()
+    started = descendants(up.proc.pid)
+    redis_pid = next(p for p, cmd in started.items() if "redis-server" in cmd)
+    others = [p for p, cmd in started.items() if "promptpix_cli" in cmd]
+    assert len(others) == 2, started  # the worker and the API
+    url = up.redis_url()
+    password = re.fullmatch(r"redis://:([^@]+)@127\.0\.0\.1:(\d+)/0", url).group(1)
+    port = int(re.search(r"redis-server on redis://127.0.0.1:(\d+)", up.log()).group(1))
+    assert len(password) >= 32
+    # Not on any command line (what `ps` shows), not in the launcher's output.
+    assert all(password not in cmd for cmd in started.values()), started
+    assert password not in up.log()
+    conf = Path(f"/proc/{redis_pid}/cwd").resolve() / "redis.conf"  # its `dir`
+    assert conf.stat().st_mode & 0o077 == 0
+    assert conf.parent.stat().st_mode & 0o077 == 0
+    # Without the password, nobody can write jobs into it.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$1\r\ny\r\n")
+        assert s.recv(100).startswith(b"-NOAUTH")
+
+    # A terminal's Ctrl-C signals the launcher's whole process group at once.
+    os.killpg(up.proc.pid, signal.SIGINT)
+    gone_at: dict[int, float] = {}
+    deadline = time.monotonic() + 60
+    while len(gone_at) < len(started) and time.monotonic() < deadline:
+        for pid in started:
+            if pid not in gone_at and not alive(pid):
+                gone_at[pid] = time.monotonic()
+        time.sleep(0.005)
+    assert up.proc.wait(30) == 0, up.log()
+    assert set(gone_at) == set(started), up.log()
+    last_user = max(gone_at[p] for p in others)
+    assert gone_at[redis_pid] >= last_user, (
+        f"Redis stopped {last_user - gone_at[redis_pid]:.3f} s before the API/worker")
+    assert "Redis unreachable" not in up.log() and "Error 111" not in up.log(), up.log()

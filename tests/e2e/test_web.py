@@ -15,15 +15,25 @@ import io
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 from PIL import Image
 
 from app.redis_server import free_port
-from tests.worker.helpers import ROOT, Proc, make_tiny_checkpoint, start_api, start_worker
+from tests.e2e.test_serving import tiny_checkpoint  # noqa: F401 - shared session fixture
+from tests.worker.helpers import (
+    ROOT,
+    Proc,
+    make_tiny_checkpoint,
+    start_api,
+    start_worker,
+    wait_for,
+)
 
 sync_api = pytest.importorskip(
     "playwright.sync_api",
@@ -34,7 +44,7 @@ expect = sync_api.expect
 Page = sync_api.Page
 Locator = sync_api.Locator
 
-API_KEY = "e2e-secret-key"
+API_KEY = "e2e-secret-key-0123456"
 SCREENSHOT = os.environ.get("PROMPTPIX_SCREENSHOT")
 DEMO = ROOT / "checkpoints" / "demo" / "shapes16.pth"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -183,7 +193,8 @@ def provoke_validation_error(page: Page) -> None:
 
 def wait_until_ready(page: Page) -> None:
     """The worker comes up: the banner goes and its model's example prompts appear."""
-    expect(page.locator("#ready-banner")).to_be_hidden()
+    # A worker loads its model in seconds, or a minute on a loaded 2-core CI machine.
+    expect(page.locator("#ready-banner")).to_be_hidden(timeout=90_000)
     examples = page.get_by_role("list", name="Example prompts")
     expect(examples.get_by_role("button", name=PROMPT, exact=True)).to_be_visible()
     expect(page.locator("#model-info")).to_contain_text(f"{IMAGE_SIZE}×{IMAGE_SIZE}")
@@ -304,6 +315,10 @@ def test_web_page_end_to_end(browser: sync_api.Browser, service: Service,
     page = context.new_page()
     page_errors: list[str] = []
     page.on("pageerror", lambda error: page_errors.append(str(error)))
+    # Anything the Content-Security-Policy blocked (an inline script or style, a CDN).
+    blocked: list[str] = []
+    page.on("console", lambda m: blocked.append(m.text)
+            if "Content Security Policy" in m.text else None)
     try:
         page.goto(service.url)
         give_key_while_not_ready(page, service)
@@ -335,5 +350,72 @@ def test_web_page_end_to_end(browser: sync_api.Browser, service: Service,
 
         check_phone_width(page)
         assert page_errors == [], f"JavaScript errors on the page: {page_errors}"
+
+        # /docs works under the same CSP: Swagger UI from this server renders the API.
+        page.goto(service.url + "docs")
+        expect(page.get_by_text("/v1/generations/{job_id}").first).to_be_visible()
+        assert blocked == [], f"blocked by the Content-Security-Policy: {blocked}"
     finally:
         context.close()
+
+
+# A page following five jobs that keep running must stay under the server's default rate
+# limit (600 requests a minute per key or address) with room for a second tab.
+WATCHED_JOBS = 5
+WATCH_S = 20.0
+MAX_PAGE_REQUESTS_PER_S = 5.0
+
+
+def test_a_page_following_five_running_jobs_stays_within_the_rate_limit(
+        browser: sync_api.Browser, redis_url: str, tmp_path: Path,
+        tiny_checkpoint: Path) -> None:  # noqa: F811
+    """Five jobs run together (MAX_BATCH=5, slowed by the worker's test hook) while the
+    page follows them from its history; every request it sends is counted."""
+    import httpx
+
+    from worker.protocol import GenerationParams, JobStore, Settings
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    procs = [start_api(redis_url, port, tmp_path / "api.log")]  # default limits
+    store = JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
+    # The first job's hook slows every row of the batch it leads (its mates wait for it).
+    ids = [store.create_job(GenerationParams(prompt="a red square", seed=k),
+                            test_hooks={"row_delay": 4.0} if k == 0 else None)[0]
+           for k in range(WATCHED_JOBS)]
+    procs.append(start_worker(redis_url, tiny_checkpoint, tmp_path / "worker.log",
+                              PROMPTPIX_MAX_BATCH=str(WATCHED_JOBS)))
+    context = browser.new_context()
+    context.add_init_script(RECORD_PAGE)
+    page = context.new_page()
+    answers: list[tuple[float, int, str]] = []
+    page.on("response", lambda r: answers.append((time.monotonic(), r.status, r.url))
+            if "/v1/" in r.url else None)
+    try:
+        def all_running() -> bool:
+            return all(httpx.get(f"{url}/v1/generations/{i}").json()["status"] == "running"
+                       for i in ids)
+
+        wait_for(all_running, 60, "the five jobs to run together", every=0.5)
+        page.goto(url)
+        history = [{"id": i, "prompt": "a red square", "params": {}, "status": "queued"}
+                   for i in ids]
+        page.evaluate("h => localStorage.setItem('promptpix.jobs', JSON.stringify(h))",
+                      history)
+        page.reload()
+        assert not page.evaluate("document.hidden")  # polls at the visible page's pace
+        start = time.monotonic()
+        page.wait_for_timeout(WATCH_S * 1000)
+        window = [a for a in answers if a[0] >= start]
+        statuses = sorted({status for _, status, _ in answers})
+        assert statuses == [200], f"the page got {statuses}"
+        rate = len(window) / WATCH_S
+        print(f"page sent {rate:.1f} API requests/s following {WATCHED_JOBS} running jobs")
+        assert rate <= MAX_PAGE_REQUESTS_PER_S, f"{rate:.1f} requests/s"
+        for job_id in ids:  # and it still shows each job's progress and preview move
+            shown = seen(page, job_id)
+            assert len(set(shown.progress)) >= 2 and shown.previews, (job_id, shown)
+    finally:
+        context.close()
+        for proc in reversed(procs):
+            proc.stop()

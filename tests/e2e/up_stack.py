@@ -93,6 +93,17 @@ class UpStack:
         self.proc.send_signal(signal.SIGINT)
         return self.proc.wait(timeout)
 
+    def redis_url(self) -> str:
+        """The private Redis's URL, password included, as the launcher gave it to its
+        children (only their environment holds it: never a command line or the log)."""
+        for pid, cmd in descendants(self.proc.pid).items():
+            if "promptpix_cli" in cmd:
+                raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                for entry in raw:
+                    if entry.startswith(b"PROMPTPIX_REDIS_URL="):
+                        return entry.partition(b"=")[2].decode()
+        raise AssertionError(f"no child of promptpix up has PROMPTPIX_REDIS_URL:\n{self.log()}")
+
     def kill_all(self) -> None:
         """Last-resort cleanup after a failed test: the launcher's group and its children."""
         for pid in descendants(self.proc.pid):

@@ -48,7 +48,8 @@ def _operations(c: TestClient) -> set[tuple[str, str]]:
     def walk(routes: list) -> None:
         for route in routes:
             if isinstance(route, Mount):
-                assert route.path == "/static", route.path  # the web page's files only
+                # The web page's files and Swagger UI's (from the fastapi-offline package).
+                assert route.path in ("/static", "/swagger-ui"), route.path
             elif getattr(route, "methods", None) and getattr(route, "path", None):
                 ops.update((m, route.path) for m in route.methods - {"HEAD"})
             walk(getattr(route, "routes", None) or [])
@@ -60,7 +61,7 @@ def _operations(c: TestClient) -> set[tuple[str, str]]:
 @pytest.mark.parametrize("metrics_public", [True, False])
 def test_only_public_routes_answer_without_a_key(make_client, metrics_public: bool) -> None:
     c: TestClient = make_client(api_keys=f"{KEY},{OTHER}", metrics_public=metrics_public,
-                                rate_limit=0)
+                                rate_limit=0, auth_failure_limit=0)
     public = PUBLIC | ({"/metrics"} if metrics_public else set())
     ops = _operations(c)
     assert {p for _, p in ops if p.startswith("/v1")} >= {
@@ -105,6 +106,45 @@ def test_invalid_key_setting_does_not_echo_keys(program: str) -> None:
     assert "PROMPTPIX_REDIS_URL" in out.stderr
     assert KEY not in out.stderr + out.stdout
     assert "redis-pass-SECRET9" not in out.stderr + out.stdout
+
+
+def test_keys_shorter_than_16_characters_are_refused_at_startup() -> None:
+    fifteen = "k" * 15
+    env = base_env("redis://127.0.0.1:1/0", PROMPTPIX_API_KEYS=f"{KEY},{fifteen}")
+    out = subprocess.run([sys.executable, "-m", "app.serve"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "entry 1 has 15 characters" in out.stderr and "at least 16" in out.stderr
+    assert "secrets.token_urlsafe(32)" in out.stderr  # how to make a good one
+    assert fifteen not in out.stderr + out.stdout
+
+
+def test_failed_authentications_are_limited_per_address(redis_url: str, tmp_path: Path) -> None:
+    """Over PROMPTPIX_AUTH_FAILURE_LIMIT failures a minute, an address gets 429 for wrong
+    keys; right keys from that same address keep working (real uvicorn, real Redis)."""
+    port = free_port()
+    api = start_api(redis_url, port, tmp_path / "api.log", PROMPTPIX_API_KEYS=f"{KEY},{OTHER}",
+                    PROMPTPIX_AUTH_FAILURE_LIMIT="5", PROMPTPIX_RATE_LIMIT="0")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as h:
+            wrong = [h.get("/v1/models", headers={"Authorization": f"Bearer guess-{i:012d}"})
+                     for i in range(5)]
+            assert [r.status_code for r in wrong] == [401] * 5
+            assert h.get("/v1/models").status_code == 429  # no key at all counts too
+            refused = h.get("/v1/models", headers={"Authorization": f"Bearer {KEY}x"})
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "auth_rate_limited"
+            assert 0 < int(refused.headers["Retry-After"]) <= 60
+            for key in (KEY, OTHER):
+                assert h.get("/v1/models", headers={"Authorization": f"Bearer {key}"}) \
+                    .status_code == 200
+            # A request from another address (a trusted proxy's client) is not affected.
+            other = h.get("/v1/models", headers={"Authorization": f"Bearer {KEY}x",
+                                                 "X-Forwarded-For": "203.0.113.9"})
+            assert other.status_code == 401
+        assert "over 5 failed authentications a minute from 127.0.0.1" in api.log()
+    finally:
+        api.stop()
 
 
 class KeyedStack:

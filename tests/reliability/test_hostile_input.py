@@ -53,6 +53,12 @@ def c(make_client) -> TestClient:
     b'{"prompt": null}',
     b"{}",
     b'{"prompt": "a", "__proto__": {"admin": true}}',
+    # Numbers that parse but must not reach torch (issue 14, item 9): each field bounded.
+    b'{"prompt":"a","top_k":1180591620717411303424}',
+    b'{"prompt":"a","top_k":257}',
+    b'{"prompt":"a","guidance_scale":1e308}',
+    b'{"prompt":"a","class_label":1180591620717411303424}',
+    b'{"prompt":"a","num_images":1180591620717411303424}',
 ])
 def test_hostile_bodies_are_422(c: TestClient, raw: bytes) -> None:
     assert len(raw) < 64 * 1024

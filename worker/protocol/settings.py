@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .schema import HEARTBEAT_TTL_FACTOR
 
-MIN_API_KEY_CHARS = 8
+MIN_API_KEY_CHARS = 16
 
 
 class Settings(BaseSettings):
@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     reaper_interval: float = Field(5.0, gt=0)
     # --- test-only hooks in the worker (forced OOM, slow rows); never on in production
     test_hooks: bool = False
+    # --- network exposure (API and worker metrics; see docs/reliability.md)
+    # Host names a request arriving over loopback may carry (DNS rebinding); unset = the
+    # loopback names, checked on loopback connections only; set = checked on every
+    # connection; "*" = no check.
+    allowed_hosts: str | None = None
+    forwarded_allow_ips: str = "127.0.0.1,::1"  # proxies whose X-Forwarded-For is believed
+    auth_failure_limit: int = Field(30, ge=0)  # failed auths a minute per address; 0 = off
+    worker_metrics_host: str = "127.0.0.1"
     # --- client (`promptpix submit`)
     url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
@@ -71,8 +79,9 @@ class Settings(BaseSettings):
             # Say which entry is wrong without echoing a secret.
             if len(key) < MIN_API_KEY_CHARS or any(c.isspace() for c in key):
                 raise ValueError(
-                    f"PROMPTPIX_API_KEYS entry {i} must be at least {MIN_API_KEY_CHARS} "
-                    "characters without spaces"
+                    f"PROMPTPIX_API_KEYS entry {i} has {len(key)} characters: keys must be "
+                    f"at least {MIN_API_KEY_CHARS} characters without spaces (make one with "
+                    "`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`)"
                 )
         return v
 
