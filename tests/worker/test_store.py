@@ -144,3 +144,16 @@ def test_payload_validation() -> None:
                 {**good, "params": {**good["params"], "seed": -1}}, [good], None):
         with pytest.raises(PayloadError):
             parse_payload(bad)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("top_k", 1180591620717411303424), ("top_k", 257), ("num_images", 257),
+    ("guidance_scale", 1e300), ("class_label", 2**40), ("prompt", "a" * 10001),
+    ("seed", 2**53),
+])
+def test_payload_numbers_are_bounded(field: str, value: object) -> None:
+    """Every number a client sets is bounded in the shared schema (issue 14, item 9)."""
+    good = {"job_id": "a" * 32, "attempt": 1,
+            "params": json.loads(params().model_dump_json())}
+    with pytest.raises(PayloadError, match=field):
+        parse_payload({**good, "params": {**good["params"], field: value}})

@@ -18,6 +18,13 @@ QUEUE_NAME = "generate"
 JOB_FUNC = "worker.jobs.generate"  # dotted path: RQ imports it by name, never unpickles code
 KEY_PREFIX = "promptpix"
 MAX_SEED = 2**53  # seeds are exact integers in JavaScript below this
+# Bounds of every client number, so nothing unbounded reaches torch (settings may lower the
+# prompt length and image count further; the worker checks a label against its model).
+MAX_TOP_K = 256  # one sub-pixel has 256 values: a larger top_k filters nothing
+MAX_IMAGES = 256  # PROMPTPIX_MAX_IMAGES may not exceed it
+MAX_PROMPT_CHARS = 10000  # PROMPTPIX_MAX_PROMPT_CHARS may not exceed it
+MAX_GUIDANCE_SCALE = 100.0
+MAX_CLASS_LABEL = 2**20  # far above any model's classes; the exact check is per model
 MAX_BODY_BYTES = 64 * 1024
 PROGRESS_MIN_INTERVAL_S = 0.25  # progress + preview written at most 4x a second
 HEARTBEAT_TTL_FACTOR = 3  # a worker key lives 3 heartbeat intervals (5 s -> 15 s)
@@ -44,7 +51,8 @@ class JobErrorCode(str, Enum):
     TIMEOUT = "timeout"
     MODEL_ERROR = "model_error"
     OUT_OF_MEMORY = "out_of_memory"
-    INVALID_PAYLOAD = "invalid_payload"
+    INVALID_PAYLOAD = "invalid_payload"  # the stored payload does not parse (bounds included)
+    INVALID_REQUEST = "invalid_request"  # it parses, but this model cannot run it
 
 
 class ProtocolError(Exception):
@@ -107,13 +115,15 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1, description="text, not only whitespace")
-    num_images: int = Field(1, ge=1)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
+                        description="text, not only whitespace")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     temperature: float = Field(1.0, gt=0.0, le=2.0)
-    top_k: int = Field(0, ge=0, description="0 = off")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    guidance_scale: float | None = Field(None, ge=1.0, description="null = the model's default")
-    class_label: int | None = Field(None, ge=0)
+    guidance_scale: float | None = Field(None, ge=1.0, le=MAX_GUIDANCE_SCALE,
+                                         description="null = the model's default")
+    class_label: int | None = Field(None, ge=0, lt=MAX_CLASS_LABEL)
 
     @field_validator("prompt")
     @classmethod
@@ -149,7 +159,7 @@ class JobPayload(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     job_id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=1_000_000)
     params: GenerationParams
     # Honoured by the worker only when PROMPTPIX_TEST_HOOKS=1; the API never sets it.
     test_hooks: dict[str, float | bool] | None = None
