@@ -109,7 +109,7 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
     from rq.exceptions import StopRequested
     from rq.serializers import JSONSerializer
 
-    from . import jobs, metrics
+    from . import jobs, metrics, rq_guard
     from .protocol import QUEUE_NAME, JobStore, Periodic, redis_connection, start_reaper
 
     port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
@@ -150,6 +150,10 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
         """SimpleWorker: this worker's PROMPTPIX_JOB_TIMEOUT, and a deadline on shutdown."""
 
         def execute_job(self, job: Any, queue: Any) -> None:
+            reason = rq_guard.refusal(job)
+            if reason is not None:
+                _refuse(job, queue, reason, store)
+                return
             # The worker's own limit holds (it knows its hardware), not the submitter's.
             job.timeout = settings.job_timeout
             super().execute_job(job, queue)
@@ -195,6 +199,24 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
         jobs.set_context(None)
         logger.info("worker %s stopped", name)
     return 0
+
+
+def _refuse(job: Any, queue: Any, reason: str, store: Any) -> None:
+    """Fail a queue entry the worker will not run, and the promptpix job it stands for."""
+    from . import rq_guard
+    from .protocol import JobErrorCode
+
+    logger.error("refused queue entry %s (%s): %s", job.id, rq_guard.entry_fields(job), reason)
+    try:
+        rq_guard.fail_refused(job, queue, reason)
+    except Exception:  # a malformed entry must not stop the worker
+        logger.exception("queue entry %s: could not be marked failed", job.id)
+        with contextlib.suppress(Exception):
+            job.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+    outcome = store.fail_queued(job.id, JobErrorCode.INVALID_PAYLOAD,
+                                f"the queue entry was refused: {reason}")
+    if outcome is not None:
+        logger.error("queue entry %s: its job ended %s", job.id, outcome)
 
 
 def _release_pubsub(worker: Any) -> None:

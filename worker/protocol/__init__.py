@@ -7,6 +7,7 @@ error codes, payload validation, the job store and the reaper.
 from .reaper import Periodic, reap_once, start_reaper
 from .schema import (
     JOB_FUNC,
+    JOB_FUNCS,
     MAX_BODY_BYTES,
     MAX_CLASS_LABEL,
     MAX_GUIDANCE_SCALE,
@@ -18,6 +19,7 @@ from .schema import (
     QUEUE_NAME,
     GenerationParams,
     JobErrorCode,
+    JobKind,
     JobPayload,
     JobStatus,
     Keys,
@@ -29,10 +31,11 @@ from .schema import (
     rq_job_id,
 )
 from .settings import Settings, describe_settings_error, get_settings
-from .store import IdempotencyConflict, JobStore, redis_connection
+from .store import IdempotencyConflict, JobStore, redis_connection, storage_full
 
 __all__ = [
     "JOB_FUNC",
+    "JOB_FUNCS",
     "MAX_BODY_BYTES",
     "MAX_CLASS_LABEL",
     "MAX_GUIDANCE_SCALE",
@@ -45,6 +48,7 @@ __all__ = [
     "GenerationParams",
     "IdempotencyConflict",
     "JobErrorCode",
+    "JobKind",
     "JobPayload",
     "JobStatus",
     "JobStore",
@@ -62,4 +66,5 @@ __all__ = [
     "redis_connection",
     "rq_job_id",
     "start_reaper",
+    "storage_full",
 ]

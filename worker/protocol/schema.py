@@ -30,6 +30,21 @@ PROGRESS_MIN_INTERVAL_S = 0.25  # progress + preview written at most 4x a second
 HEARTBEAT_TTL_FACTOR = 3  # a worker key lives 3 heartbeat intervals (5 s -> 15 s)
 
 
+class JobKind(str, Enum):
+    """What a job asks for (API.md "Job kinds"); a sampling batch holds one kind."""
+
+    GENERATE = "generate"
+    SCORE = "score"
+
+
+# The one function a worker may run for each kind (dotted paths, compared as text before
+# RQ imports anything): whoever can write to the queue must not choose the code it runs.
+JOB_FUNCS: dict[JobKind, str] = {
+    JobKind.GENERATE: JOB_FUNC,
+    JobKind.SCORE: "worker.jobs.score",
+}
+
+
 class JobStatus(str, Enum):
     """Public job states; `running` may go back to `queued` when its worker is lost."""
 

@@ -79,3 +79,18 @@ redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[2])
 return 'ok'
 """
+
+# A queued attempt whose queue entry cannot run (refused, or its payload does not parse):
+# it ends `failed` now rather than stay `queued` until its TTL.
+# KEYS: job hash. ARGV: rq id, now, ttl, error code, error message.
+FAIL_QUEUED = """
+local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id', 'idem')
+if not s[1] then return 'missing' end
+if s[1] ~= 'queued' then return s[1] end
+if s[2] ~= ARGV[1] then return 'stale' end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[2],
+           'error_code', ARGV[4], 'error_message', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if s[3] and s[3] ~= '' then redis.call('EXPIRE', s[3], ARGV[3]) end
+return 'ok'
+"""

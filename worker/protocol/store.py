@@ -31,7 +31,7 @@ from .schema import (
     ProtocolError,
     rq_job_id,
 )
-from .scripts import CANCEL, CLAIM, FINISH, PROGRESS, TAKE
+from .scripts import CANCEL, CLAIM, FAIL_QUEUED, FINISH, PROGRESS, TAKE
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,13 @@ RQ_RESULT_TTL = 0  # the job hash is the record; RQ deletes its own job on succe
 
 def _s(v: bytes | str | None) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
+
+
+def _json_or_text(value: str | None) -> Any:
+    try:
+        return json.loads(value or "")
+    except ValueError:
+        return value
 
 
 class JobStore:
@@ -55,6 +62,7 @@ class JobStore:
         self._finish = connection.register_script(FINISH)
         self._cancel = connection.register_script(CANCEL)
         self._take = connection.register_script(TAKE)
+        self._fail_queued = connection.register_script(FAIL_QUEUED)
 
     # ----------------------------------------------------------------- submit side
     def _enqueue(self, pipe: Any, job_id: str, attempt: int, params: dict[str, Any],
@@ -158,9 +166,26 @@ class JobStore:
                           args=[rq_id, worker, repr(time.time()), json.dumps(model), job_id])
         return _s(out) or "missing"
 
-    def queued_head(self, limit: int) -> list[dict[str, Any]]:
-        """Payloads (`JobPayload` dicts) of the first `limit` queued jobs, in queue order."""
-        out: list[dict[str, Any]] = []
+    def fail_queued(self, rq_id: str, code: JobErrorCode, message: str) -> str | None:
+        """queued -> failed for the job that RQ entry `rq_id` stands for, if that entry is
+        its current attempt; 'ok', why not, or None when the id names no job of ours."""
+        job_id, sep, att = rq_id.rpartition("-a")
+        if not sep or not att.isdigit() or len(job_id) != 32:
+            return None
+        out = self._fail_queued(keys=[Keys.job(job_id)],
+                                args=[rq_id, repr(time.time()), self.settings.result_ttl,
+                                      code.value, message[:2000]])
+        result = _s(out) or "missing"
+        if result == "ok":
+            logger.error("job %s failed %s: %s", job_id, code.value, message)
+        return result
+
+    def queued_head(self, limit: int) -> list[tuple[str, int, Any]]:
+        """(job id, attempt, payload) of the first `limit` queued jobs, in queue order.
+
+        The payload is what the job hash holds, unvalidated: the worker checks it (a stored
+        payload that is not even JSON comes back as its text, and fails that check)."""
+        out: list[tuple[str, int, Any]] = []
         for raw in self.r.lrange(self.queue.key, 0, max(0, limit - 1)):
             rq_id = _s(raw) or ""
             job_id, sep, att = rq_id.rpartition("-a")
@@ -168,13 +193,13 @@ class JobStore:
                 continue
             status, current, params, hooks = (_s(v) for v in self.r.hmget(
                 Keys.job(job_id), "status", "rq_id", "params", "test_hooks"))
-            if status != JobStatus.QUEUED.value or current != rq_id or not params:
+            if status != JobStatus.QUEUED.value or current != rq_id:
                 continue
             payload: dict[str, Any] = {"job_id": job_id, "attempt": int(att),
-                                       "params": json.loads(params)}
+                                       "params": _json_or_text(params)}
             if hooks:
-                payload["test_hooks"] = json.loads(hooks)
-            out.append(payload)
+                payload["test_hooks"] = _json_or_text(hooks)
+            out.append((job_id, int(att), payload))
         return out
 
     def take(self, job_id: str, rq_id: str, worker: str, model: dict[str, Any]) -> str:
@@ -398,6 +423,12 @@ class IdempotencyConflict(ProtocolError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"Idempotency-Key already used for job {job_id} with another body")
         self.job_id = job_id
+
+
+def storage_full(error: BaseException) -> bool:
+    """Whether Redis refused a write because it is full (`maxmemory` with `noeviction`)."""
+    return isinstance(error, redis.ResponseError) and (
+        isinstance(error, redis.exceptions.OutOfMemoryError) or "OOM" in str(error)[:40])
 
 
 def redis_connection(settings: Settings, *, blocking: bool = False) -> redis.Redis:
