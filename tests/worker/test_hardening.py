@@ -192,4 +192,4 @@ def test_attempt_handed_on_is_not_counted_canceled(
     assert _metric(info, 'promptpix_jobs_completed_total{status="canceled"}') == 0
     assert _metric(info, 'promptpix_jobs_completed_total{status="succeeded"}') == 1
     assert _metric(info, "promptpix_attempts_handed_on_total") == 1
-    assert "job %s attempt 1 stopped" % slow in w.log()
+    assert f"job {slow} attempt 1 stopped" in w.log()

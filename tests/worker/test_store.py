@@ -157,3 +157,40 @@ def test_payload_numbers_are_bounded(field: str, value: object) -> None:
             "params": json.loads(params().model_dump_json())}
     with pytest.raises(PayloadError, match=field):
         parse_payload({**good, "params": {**good["params"], field: value}})
+
+
+def _age(store: JobStore, job_id: str, idem: str | None = None, left_s: int = 5) -> None:
+    """Make a job look created long ago: little of its creation-time TTL is left."""
+    for key in (Keys.job(job_id), Keys.preview(job_id), idem):
+        if key:
+            store.r.expire(key, left_s)
+
+
+def test_canceled_job_stays_readable_for_result_ttl(store: JobStore) -> None:
+    """Issue 14 item 15: the TTL is refreshed when a job ends canceled."""
+    queued, _ = store.create_job(params(1), idempotency=("promptpix:idem:t:1", "h"))
+    running, _ = store.create_job(params(2))
+    assert store.claim(running, rq_job_id(running, 1), "w1", MODEL) == "ok"
+    store.write_progress(running, 1, "w1", 0.5, b"png")
+    for job_id in (queued, running):
+        _age(store, job_id, "promptpix:idem:t:1" if job_id == queued else None)
+        assert store.cancel(job_id) == "ok"
+        assert store.r.ttl(Keys.job(job_id)) > store.settings.result_ttl - 10
+    assert store.r.ttl("promptpix:idem:t:1") > store.settings.result_ttl - 10
+    assert store.r.ttl(Keys.preview(running)) > store.settings.result_ttl - 10
+
+
+def test_reaper_failed_job_stays_readable_for_result_ttl(store: JobStore) -> None:
+    job_id, _ = store.create_job(params(), idempotency=("promptpix:idem:t:2", "h"))
+    store.r.lrem(store.queue.key, 0, rq_job_id(job_id, 1))
+    for attempt, worker in ((1, "w1"), (2, "w2")):  # max_retries=1: the second loss fails it
+        beat(store, worker, job_id)
+        assert store.claim(job_id, rq_job_id(job_id, attempt), worker, MODEL) == "ok"
+        store.r.lrem(store.queue.key, 0, rq_job_id(job_id, attempt + 1))
+        store.r.delete(Keys.worker(worker))
+        if attempt == 2:
+            _age(store, job_id, "promptpix:idem:t:2")
+        store.reap()
+    assert store.get(job_id)["error_code"] == "worker_lost"
+    assert store.r.ttl(Keys.job(job_id)) > store.settings.result_ttl - 10
+    assert store.r.ttl("promptpix:idem:t:2") > store.settings.result_ttl - 10

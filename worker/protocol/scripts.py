@@ -66,9 +66,10 @@ if s[4] and s[4] ~= '' then redis.call('EXPIRE', s[4], ARGV[5]) end
 return 1
 """
 
-# KEYS: job hash, queue list, running set. ARGV: now, job id.
+# A canceled job stays readable for the result TTL from now, as a finished one does.
+# KEYS: job hash, queue list, running set, preview. ARGV: now, job id, ttl.
 CANCEL = """
-local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id')
+local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id', 'idem')
 if not s[1] then return 'missing' end
 if s[1] == 'queued' then
   redis.call('LREM', KEYS[2], 0, s[2])
@@ -77,6 +78,9 @@ elseif s[1] ~= 'running' then
 end
 redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+if s[3] and s[3] ~= '' then redis.call('EXPIRE', s[3], ARGV[3]) end
 return 'ok'
 """
 

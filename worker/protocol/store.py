@@ -147,8 +147,9 @@ class JobStore:
 
     def cancel(self, job_id: str) -> str:
         """Cancel a queued or running job; return 'ok', 'missing' or its finished state."""
-        out = self._cancel(keys=[Keys.job(job_id), self.queue.key, Keys.running],
-                           args=[repr(time.time()), job_id])
+        out = self._cancel(keys=[Keys.job(job_id), self.queue.key, Keys.running,
+                                 Keys.preview(job_id)],
+                           args=[repr(time.time()), job_id, self.settings.result_ttl])
         result = _s(out) or "missing"
         if result == "ok":
             logger.info("job %s canceled", job_id)
@@ -249,8 +250,9 @@ class JobStore:
             while True:
                 try:
                     pipe.watch(key)
-                    status, owner, att, retries, params, hooks = (_s(v) for v in pipe.hmget(
-                        key, "status", "worker", "attempt", "retries", "params", "test_hooks"))
+                    status, owner, att, retries, params, hooks, idem = (
+                        _s(v) for v in pipe.hmget(key, "status", "worker", "attempt", "retries",
+                                                  "params", "test_hooks", "idem"))
                     if status != JobStatus.RUNNING.value or owner != worker or att != str(attempt):
                         pipe.unwatch()
                         return "skip"
@@ -262,6 +264,12 @@ class JobStore:
                             "error_code": JobErrorCode.WORKER_LOST.value,
                             "error_message": f"worker {worker} was lost; {used} retries used",
                         })
+                        # Readable for the result TTL from now, as any finished job.
+                        ttl = self.settings.result_ttl
+                        pipe.expire(key, ttl)
+                        pipe.expire(Keys.preview(job_id), ttl)
+                        if idem:
+                            pipe.expire(idem, ttl)
                         outcome = "failed"
                     else:
                         new = attempt + 1
