@@ -84,6 +84,7 @@ class _Attempt:
         self.last_write = 0.0
         self.lost = False  # the store refused our write: canceled or handed on
         self.shutdown = False  # stopped because SIGTERM's grace ran out
+        self.full_logged = False  # "Redis is full" said once per attempt
 
     def progress(self, rows_done: int, rows_total: int, partial: torch.Tensor) -> None:
         if self.hooks.get("row_delay"):
@@ -104,7 +105,9 @@ class _Attempt:
         except redis.ResponseError as e:
             if not storage_full(e):
                 raise
-            logger.warning("job %s: progress not written (Redis is full)", self.p.job_id)
+            if not self.full_logged:
+                logger.warning("job %s: progress not written (Redis is full)", self.p.job_id)
+            self.full_logged = True
             return
         self.lost = self.lost or not ok
 

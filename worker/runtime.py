@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2  # bad settings, missing or corrupt checkpoint, bad device
 EXIT_METRICS = 3  # the metrics port is taken
+FULL_REDIS_PAUSE_S = 1.0  # between two tries of the RQ loop while Redis refuses writes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +111,14 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
     from rq.serializers import JSONSerializer
 
     from . import jobs, metrics, rq_guard
-    from .protocol import QUEUE_NAME, JobStore, Periodic, redis_connection, start_reaper
+    from .protocol import (
+        QUEUE_NAME,
+        JobStore,
+        Periodic,
+        redis_connection,
+        start_reaper,
+        storage_full,
+    )
 
     port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
     try:
@@ -139,8 +147,11 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
         try:
             beat()
             break
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            logger.warning("Redis %s unreachable (%s); retrying", settings.redis_url_safe, e)
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:
+            if isinstance(e, redis.ResponseError) and not storage_full(e):
+                raise
+            logger.warning("Redis %s unreachable or full (%s); retrying",
+                           settings.redis_url_safe, e)
             time.sleep(min(5.0, settings.heartbeat_interval))
     heart = Periodic("promptpix-heartbeat", settings.heartbeat_interval, beat)
     heart.start()
@@ -167,6 +178,7 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
 
     logger.info("worker %s serving queue %r (model %s)", name, QUEUE_NAME, info["id"])
     rounds = 0
+    was_full = False
     try:
         while True:
             # RQ's loop quits on any error it does not handle itself, such as Redis going
@@ -178,15 +190,28 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
                                      connection=redis_connection(settings, blocking=True))
             try:
                 worker.work(burst=args.burst, logging_level=args.log_level.upper())
+                full = False
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 logger.warning("worker %s: RQ loop lost Redis (%s)", name, e)
+                full = False
+            except redis.ResponseError as e:
+                # RQ's own bookkeeping (registering the worker, BLMOVE) is refused while
+                # Redis is full: wait for room, keep the model, never exit for it.
+                if not storage_full(e):
+                    raise
+                if not was_full:
+                    logger.warning("worker %s: Redis is full (%s); serving again when it has "
+                                   "room", name, e)
+                full = True
             finally:
                 _release_pubsub(worker)
             if args.burst or ctx.shutdown_deadline is not None:
                 break
-            logger.warning("worker %s: RQ loop ended without a stop request; serving again "
-                           "once Redis answers", name)
-            if not _wait_for_redis(store, ctx):
+            if not full:
+                logger.warning("worker %s: RQ loop ended without a stop request; serving "
+                               "again once Redis answers", name)
+            was_full = full
+            if not _wait_for_redis(store, ctx, every=FULL_REDIS_PAUSE_S if full else 0.5):
                 break
             rounds += 1
     except StopRequested:

@@ -295,12 +295,27 @@ class JobStore:
     def heartbeat(self, name: str, info: dict[str, Any], model: dict[str, Any] | None) -> None:
         """Refresh this worker's key (and its model's) for one heartbeat TTL."""
         ttl = self.settings.heartbeat_ttl_ms
-        with self.r.pipeline(transaction=False) as pipe:
-            pipe.set(Keys.worker(name), json.dumps(info), px=ttl)
-            pipe.zadd(Keys.workers, {name: time.time()})
-            if model is not None:
-                pipe.set(Keys.model(model["id"]), json.dumps(model), px=ttl)
-            pipe.execute()
+        try:
+            with self.r.pipeline(transaction=False) as pipe:
+                pipe.set(Keys.worker(name), json.dumps(info), px=ttl)
+                pipe.zadd(Keys.workers, {name: time.time()})
+                if model is not None:
+                    pipe.set(Keys.model(model["id"]), json.dumps(model), px=ttl)
+                pipe.execute()
+        except redis.ResponseError as e:
+            if not storage_full(e):
+                raise
+            # Redis is full (noeviction): SET is refused, PEXPIRE is not. The keys keep
+            # their last info (the reaper spares jobs claimed after that info's `ts`), so a
+            # worker is not reaped, and its jobs not handed on, only because Redis is full.
+            with self.r.pipeline(transaction=False) as pipe:
+                pipe.pexpire(Keys.worker(name), ttl)
+                if model is not None:
+                    pipe.pexpire(Keys.model(model["id"]), ttl)
+                alive = pipe.execute()[0]
+            if not alive:
+                raise  # the key already expired: nothing left to keep alive
+            logger.debug("heartbeat of %s kept by PEXPIRE (Redis is full)", name)
 
     def remove_worker(self, name: str) -> None:
         """Forget a worker that exits cleanly (its model key expires on its own)."""
@@ -435,8 +450,10 @@ class IdempotencyConflict(ProtocolError):
 
 def storage_full(error: BaseException) -> bool:
     """Whether Redis refused a write because it is full (`maxmemory` with `noeviction`)."""
+    # Inside a Lua script the refusal comes back as a script error quoting Redis's text.
     return isinstance(error, redis.ResponseError) and (
-        isinstance(error, redis.exceptions.OutOfMemoryError) or "OOM" in str(error)[:40])
+        isinstance(error, redis.exceptions.OutOfMemoryError)
+        or "OOM command not allowed" in str(error))
 
 
 def redis_connection(settings: Settings, *, blocking: bool = False) -> redis.Redis:
