@@ -17,6 +17,8 @@ from worker.protocol import (
     IdempotencyConflict,
     JobStatus,
     Keys,
+    QueueFull,
+    QuotaExceeded,
     canonical_json,
 )
 
@@ -110,16 +112,20 @@ def submit(
                            "Idempotency-Key")
         body_hash = hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest()
         idem = (Keys.idempotency(principal.owner or "global", idempotency_key), body_hash)
-    if store.queue_depth() >= settings.max_queue:
-        raise ApiError(429, "queue_full", f"{settings.max_queue} jobs are waiting; retry later",
-                       headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
     params = GenerationParams(**{**body.model_dump(), "seed": seed})
+    retry_after = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
     try:
-        job_id, created = store.create_job(params, owner=principal.owner, idempotency=idem)
+        # One Redis step: Idempotency-Key lookup, then MAX_QUEUE and the caller's cap.
+        job_id, created = store.create_job(params, owner=principal.owner, idempotency=idem,
+                                           quota_who=principal.who)
     except IdempotencyConflict as e:
         raise ApiError(409, "idempotency_conflict",
                        "this Idempotency-Key was used with a different body") from e
+    except QueueFull as e:
+        raise ApiError(429, "queue_full", str(e), headers=retry_after) from e
+    except QuotaExceeded as e:
+        raise ApiError(429, "quota_exceeded", str(e), headers=retry_after) from e
     job = store.get(job_id)
     if job is None:  # expired between the two reads: only possible with a tiny RESULT_TTL
         raise not_found()

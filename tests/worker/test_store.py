@@ -194,3 +194,37 @@ def test_reaper_failed_job_stays_readable_for_result_ttl(store: JobStore) -> Non
     assert store.get(job_id)["error_code"] == "worker_lost"
     assert store.r.ttl(Keys.job(job_id)) > store.settings.result_ttl - 10
     assert store.r.ttl("promptpix:idem:t:2") > store.settings.result_ttl - 10
+
+
+def test_caller_cap_counts_waiting_jobs_only(redis_url: str) -> None:
+    """Issue 14 item 10: a started, canceled or handed-back job frees or keeps no slot."""
+    from worker.protocol import QuotaExceeded
+
+    s = Settings(redis_url=redis_url, max_queued_per_key=2, max_retries=5)
+    store = JobStore(redis.Redis.from_url(redis_url), s)
+    a, _ = store.create_job(params(1), quota_who="key:x")
+    b, _ = store.create_job(params(2), quota_who="key:x")
+    with pytest.raises(QuotaExceeded):
+        store.create_job(params(3), quota_who="key:x")
+    store.create_job(params(3), quota_who="key:y")  # another caller
+    assert store.claim(a, rq_job_id(a, 1), "w1", MODEL) == "ok"  # started: slot freed
+    c, _ = store.create_job(params(4), quota_who="key:x")
+    assert store.cancel(c) == "ok"  # canceled: slot freed
+    d, _ = store.create_job(params(5), quota_who="key:x")
+    # `a` handed back to the queue (worker lost) is not admitted again: no slot taken...
+    assert store.requeue(a, 1, "w1", lost=True) == "requeued"
+    with pytest.raises(QuotaExceeded):  # ...b and d wait: the cap of 2 is reached
+        store.create_job(params(6), quota_who="key:x")
+    assert {b, d} == {j.decode() for j in store.r.zrange(Keys.queued_by("key:x"), 0, -1)}
+
+
+def test_admitted_job_without_queue_entry_is_enqueued_by_the_reaper(store: JobStore) -> None:
+    """The API dying between admission and the RQ write leaves no job behind forever."""
+    job_id, _ = store.create_job(params())
+    store.r.delete(f"rq:job:{rq_job_id(job_id, 1)}")
+    store.r.lrem(store.queue.key, 0, rq_job_id(job_id, 1))
+    store.r.zadd(Keys.queued, {job_id: time.time() - 60})  # admitted a minute ago
+    assert store.reap_orphans() == [
+        (job_id, "enqueued (admitted, its queue entry never written)")]
+    assert store.queue_position(rq_job_id(job_id, 2)) == 0
+    assert store.get(job_id)["attempt"] == "2"

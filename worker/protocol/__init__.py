@@ -17,6 +17,7 @@ from .schema import (
     MAX_TOP_K,
     PROGRESS_MIN_INTERVAL_S,
     QUEUE_NAME,
+    Admission,
     GenerationParams,
     JobErrorCode,
     JobKind,
@@ -26,12 +27,20 @@ from .schema import (
     PayloadError,
     ProtocolError,
     SamplingParams,
+    Transition,
     canonical_json,
     parse_payload,
     rq_job_id,
 )
 from .settings import Settings, describe_settings_error, get_settings
-from .store import IdempotencyConflict, JobStore, redis_connection, storage_full
+from .store import (
+    IdempotencyConflict,
+    JobStore,
+    QueueFull,
+    QuotaExceeded,
+    redis_connection,
+    storage_full,
+)
 
 __all__ = [
     "JOB_FUNC",
@@ -45,6 +54,7 @@ __all__ = [
     "MAX_TOP_K",
     "PROGRESS_MIN_INTERVAL_S",
     "QUEUE_NAME",
+    "Admission",
     "GenerationParams",
     "IdempotencyConflict",
     "JobErrorCode",
@@ -56,8 +66,11 @@ __all__ = [
     "PayloadError",
     "Periodic",
     "ProtocolError",
+    "QueueFull",
+    "QuotaExceeded",
     "SamplingParams",
     "Settings",
+    "Transition",
     "canonical_json",
     "describe_settings_error",
     "get_settings",

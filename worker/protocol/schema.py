@@ -59,6 +59,26 @@ class JobStatus(str, Enum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
+class Transition(str, Enum):
+    """Why a store transition did or did not happen (besides a job's own `JobStatus`, which
+    a refused transition returns when the job is already past the state it needs)."""
+
+    OK = "ok"
+    MISSING = "missing"  # no such job (never existed, or expired)
+    STALE = "stale"  # the job is on another attempt than this queue entry's
+    GONE = "gone"  # another worker took the queue entry first
+
+
+class Admission(str, Enum):
+    """What the enqueue transaction did with a submission."""
+
+    CREATED = "created"
+    EXISTING = "existing"  # same Idempotency-Key and body: the original job
+    CONFLICT = "conflict"  # same Idempotency-Key, another body
+    QUEUE_FULL = "queue_full"  # PROMPTPIX_MAX_QUEUE jobs wait
+    QUOTA_EXCEEDED = "quota_exceeded"  # PROMPTPIX_MAX_QUEUED_PER_KEY jobs of this caller wait
+
+
 class JobErrorCode(str, Enum):
     """Why a job ended `failed` (only `worker_lost` is ever retried, by the reaper)."""
 
@@ -84,12 +104,20 @@ class Keys:
     """Redis key names; every key the service owns starts with `promptpix:`."""
 
     running = f"{KEY_PREFIX}:running"  # set of job ids in `running`
+    # zset job id -> admission time: jobs admitted and not started yet (MAX_QUEUE counts
+    # them; a job handed back to the queue is not admitted again, so not counted again)
+    queued = f"{KEY_PREFIX}:queued"
     workers = f"{KEY_PREFIX}:workers"  # zset worker name -> last heartbeat (unix s)
     reaper_lock = f"{KEY_PREFIX}:reaper:lock"
 
     @staticmethod
     def job(job_id: str) -> str:
         return f"{KEY_PREFIX}:job:{job_id}"
+
+    @staticmethod
+    def queued_by(who: str) -> str:
+        """zset of one key's (or client address's) admitted, not started jobs."""
+        return f"{KEY_PREFIX}:queued:{who}"
 
     @staticmethod
     def image(job_id: str, n: int) -> str:

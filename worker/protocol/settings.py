@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None  # comma separated; unset = open
     metrics_public: bool = True
     max_queue: int = Field(1000, ge=1)
+    # jobs waiting per API key (per client address when keys are off), all models; 0 = off
+    max_queued_per_key: int = Field(50, ge=0)
     max_images: int = Field(16, ge=1, le=MAX_IMAGES)
     max_prompt_chars: int = Field(1000, ge=1, le=MAX_PROMPT_CHARS)
     result_ttl: int = Field(86400, ge=10)

@@ -8,6 +8,7 @@ queue (create, requeue) run in one MULTI/EXEC with the RQ enqueue.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from rq.serializers import JSONSerializer
 from .schema import (
     JOB_FUNC,
     QUEUE_NAME,
+    Admission,
     GenerationParams,
     JobErrorCode,
     JobStatus,
@@ -31,7 +33,7 @@ from .schema import (
     ProtocolError,
     rq_job_id,
 )
-from .scripts import CANCEL, CLAIM, FAIL_QUEUED, FINISH, PROGRESS, TAKE
+from .scripts import ADMIT, CANCEL, CLAIM, FAIL_QUEUED, FINISH, PROGRESS, TAKE
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class JobStore:
         self._cancel = connection.register_script(CANCEL)
         self._take = connection.register_script(TAKE)
         self._fail_queued = connection.register_script(FAIL_QUEUED)
+        self._admit = connection.register_script(ADMIT)
 
     # ----------------------------------------------------------------- submit side
     def _enqueue(self, pipe: Any, job_id: str, attempt: int, params: dict[str, Any],
@@ -85,49 +88,68 @@ class JobStore:
         owner: str = "",
         idempotency: tuple[str, str] | None = None,
         test_hooks: dict[str, Any] | None = None,
+        quota_who: str = "",
     ) -> tuple[str, bool]:
-        """Create and enqueue a job; return (job id, created).
+        """Admit and enqueue a job; return (job id, created).
 
-        With `idempotency` = (idempotency key name, body hash), an earlier live job under
-        that key is returned instead (created False) when its body hash matches; a
-        different body raises `IdempotencyConflict`.
+        One Redis step decides (`scripts.ADMIT`): with `idempotency` = (idempotency key
+        name, body hash), an earlier live job under that key is returned first (created
+        False) when its body hash matches, and a different body raises
+        `IdempotencyConflict`; then `QueueFull` past PROMPTPIX_MAX_QUEUE waiting jobs, and
+        `QuotaExceeded` past PROMPTPIX_MAX_QUEUED_PER_KEY waiting jobs of `quota_who` (the
+        caller's key or address; '' = not capped). The RQ entry follows; if that write
+        fails, the admission is undone.
         """
         ttl = self.settings.result_ttl
         params_dict = params.model_dump(mode="json")
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    if idempotency is not None:
-                        idem_key, body_hash = idempotency
-                        pipe.watch(idem_key)
-                        found = _s(pipe.get(idem_key))
-                        if found:
-                            old_id, _, old_hash = found.partition(":")
-                            if pipe.exists(Keys.job(old_id)):
-                                pipe.unwatch()
-                                if old_hash != body_hash:
-                                    raise IdempotencyConflict(old_id)
-                                return old_id, False
-                    job_id = uuid.uuid4().hex
-                    now = time.time()
-                    pipe.multi()
-                    pipe.hset(Keys.job(job_id), mapping={
-                        "id": job_id, "status": JobStatus.QUEUED.value, "attempt": "1",
-                        "retries": "0", "rq_id": rq_job_id(job_id, 1), "owner": owner,
-                        "params": json.dumps(params_dict), "created_at": repr(now),
-                        "progress": "0", "has_preview": "0", "images": "0",
-                        "idem": idempotency[0] if idempotency else "",
-                        "test_hooks": json.dumps(test_hooks) if test_hooks else "",
-                    })
-                    pipe.expire(Keys.job(job_id), ttl)
-                    if idempotency is not None:
-                        pipe.set(idempotency[0], f"{job_id}:{idempotency[1]}", ex=ttl)
-                    self._enqueue(pipe, job_id, 1, params_dict, test_hooks, at_front=False)
-                    pipe.execute()
-                    logger.info("job %s queued (owner %s)", job_id, owner[:8] or "-")
-                    return job_id, True
-                except redis.WatchError:
-                    continue  # the same Idempotency-Key arrived concurrently: look again
+        job_id = uuid.uuid4().hex
+        cap = self.settings.max_queued_per_key if quota_who else 0
+        quota_key = Keys.queued_by(quota_who) if cap else ""
+        fields = {
+            "id": job_id, "status": JobStatus.QUEUED.value, "attempt": "1",
+            "retries": "0", "rq_id": rq_job_id(job_id, 1), "owner": owner,
+            "params": json.dumps(params_dict), "created_at": repr(time.time()),
+            "progress": "0", "has_preview": "0", "images": "0",
+            "idem": idempotency[0] if idempotency else "",
+            "test_hooks": json.dumps(test_hooks) if test_hooks else "", "quota": quota_key,
+        }
+        job_key = Keys.job(job_id)
+        out = self._admit(
+            keys=[idempotency[0] if idempotency else job_key, job_key, Keys.queued,
+                  quota_key or job_key],
+            args=["1" if idempotency else "", idempotency[1] if idempotency else "", job_id,
+                  repr(time.time()), ttl, self.settings.max_queue, cap,
+                  *[x for kv in fields.items() for x in kv]],
+        )
+        outcome, found = Admission(_s(out[0])), _s(out[1]) or ""
+        if outcome is Admission.EXISTING:
+            return found, False
+        if outcome is Admission.CONFLICT:
+            raise IdempotencyConflict(found)
+        if outcome is Admission.QUEUE_FULL:
+            raise QueueFull(f"{self.settings.max_queue} jobs are waiting "
+                            "(PROMPTPIX_MAX_QUEUE); retry later")
+        if outcome is Admission.QUOTA_EXCEEDED:
+            raise QuotaExceeded(f"{cap} jobs of this caller are waiting "
+                                "(PROMPTPIX_MAX_QUEUED_PER_KEY); retry when one has started")
+        try:
+            with self.r.pipeline() as pipe:
+                self._enqueue(pipe, job_id, 1, params_dict, test_hooks, at_front=False)
+                pipe.execute()
+        except redis.RedisError:
+            # Undo the admission (best effort: a crash here leaves a `queued` job without an
+            # entry, which the reaper's orphan sweep enqueues).
+            with contextlib.suppress(redis.RedisError), self.r.pipeline() as pipe:
+                pipe.delete(job_key)
+                pipe.zrem(Keys.queued, job_id)
+                if quota_key:
+                    pipe.zrem(quota_key, job_id)
+                if idempotency:
+                    pipe.delete(idempotency[0])
+                pipe.execute()
+            raise
+        logger.info("job %s queued (owner %s)", job_id, owner[:8] or "-")
+        return job_id, True
 
     def get(self, job_id: str) -> dict[str, str] | None:
         """The job hash as text (None when unknown or expired)."""
@@ -148,7 +170,7 @@ class JobStore:
     def cancel(self, job_id: str) -> str:
         """Cancel a queued or running job; return 'ok', 'missing' or its finished state."""
         out = self._cancel(keys=[Keys.job(job_id), self.queue.key, Keys.running,
-                                 Keys.preview(job_id)],
+                                 Keys.preview(job_id), Keys.queued],
                            args=[repr(time.time()), job_id, self.settings.result_ttl])
         result = _s(out) or "missing"
         if result == "ok":
@@ -163,7 +185,7 @@ class JobStore:
     # ----------------------------------------------------------------- worker side
     def claim(self, job_id: str, rq_id: str, worker: str, model: dict[str, Any]) -> str:
         """queued -> running for this RQ attempt; 'ok', or why the entry must be skipped."""
-        out = self._claim(keys=[Keys.job(job_id), Keys.running],
+        out = self._claim(keys=[Keys.job(job_id), Keys.running, Keys.queued],
                           args=[rq_id, worker, repr(time.time()), json.dumps(model), job_id])
         return _s(out) or "missing"
 
@@ -173,9 +195,9 @@ class JobStore:
         job_id, sep, att = rq_id.rpartition("-a")
         if not sep or not att.isdigit() or len(job_id) != 32:
             return None
-        out = self._fail_queued(keys=[Keys.job(job_id)],
+        out = self._fail_queued(keys=[Keys.job(job_id), Keys.queued],
                                 args=[rq_id, repr(time.time()), self.settings.result_ttl,
-                                      code.value, message[:2000]])
+                                      code.value, message[:2000], job_id])
         result = _s(out) or "missing"
         if result == "ok":
             logger.error("job %s failed %s: %s", job_id, code.value, message)
@@ -206,7 +228,7 @@ class JobStore:
     def take(self, job_id: str, rq_id: str, worker: str, model: dict[str, Any]) -> str:
         """Claim a job still waiting in the queue (removing its entry); 'ok' or why not."""
         out = self._take(keys=[Keys.job(job_id), Keys.running, self.queue.key,
-                               Job.key_for(rq_id)],
+                               Job.key_for(rq_id), Keys.queued],
                          args=[rq_id, worker, repr(time.time()), json.dumps(model), job_id])
         return _s(out) or "missing"
 
@@ -393,6 +415,28 @@ class JobStore:
                 done.append((job_id, "requeued (taken from the queue, never claimed)"))
         for stale in {_s(x) or "" for x in self.r.hkeys(seen_key)} - live:
             self.r.hdel(seen_key, stale)
+        return done + self._reap_never_enqueued(now - grace)
+
+    def _reap_never_enqueued(self, before: float) -> list[tuple[str, str]]:
+        """Enqueue admitted jobs whose RQ entry was never written (the API died between
+        admission and enqueue, or undoing a failed enqueue failed too)."""
+        ids = [_s(x) or "" for x in self.r.zrangebyscore(Keys.queued, "-inf", before)]
+        if not ids:
+            return []
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(Keys.job(job_id), "status", "rq_id")
+            states = pipe.execute()
+        candidates = [(j, _s(st[1]) or "") for j, st in zip(ids, states, strict=True)
+                      if _s(st[0]) == JobStatus.QUEUED.value and st[1]]
+        with self.r.pipeline(transaction=False) as pipe:
+            for _, rq_id in candidates:
+                pipe.exists(Job.key_for(rq_id))
+            present = pipe.execute()
+        done = []
+        for (job_id, rq_id), there in zip(candidates, present, strict=True):
+            if not there and self._requeue_unclaimed(job_id, rq_id):
+                done.append((job_id, "enqueued (admitted, its queue entry never written)"))
         return done
 
     def _requeue_unclaimed(self, job_id: str, rq_id: str) -> bool:
@@ -438,6 +482,14 @@ class JobStore:
         if int(count) > limit:
             return max(1, math.ceil((window + 1) * 60 - now))
         return None
+
+
+class QueueFull(ProtocolError):
+    """PROMPTPIX_MAX_QUEUE jobs are waiting (all callers, all models)."""
+
+
+class QuotaExceeded(ProtocolError):
+    """PROMPTPIX_MAX_QUEUED_PER_KEY jobs of this caller are waiting."""
 
 
 class IdempotencyConflict(ProtocolError):
