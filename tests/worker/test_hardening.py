@@ -104,11 +104,11 @@ def test_queue_entries_naming_other_code_are_refused_without_import(
     rq_key = f"rq:job:{victim}-a1"
     r.hset(rq_key, "data", json.dumps(["os.mkdir", None, [str(target)], {}]))
     ok, _ = store.create_job(GenerationParams(prompt="a blue square", seed=4))
-    wait_for(lambda: _ended(store, victim, ok), 60, "the jobs behind the hostile entries")
-
+    wait_for(lambda: _ended(store, ok), 60, "the job behind the hostile entries")
     assert not target.exists()
     assert ZEN not in w.log()
     assert _job(store, ok)["status"] == "succeeded"  # the worker carried on serving
+    wait_for(lambda: _ended(store, victim), 10, "the job whose entry was rewritten")
     victim_job = _job(store, victim)
     assert victim_job["status"] == "failed"
     assert victim_job["error_code"] == "invalid_payload"
