@@ -61,7 +61,7 @@ def main() -> None:
         w = start_worker(server.url, Path(args.checkpoint), tmp / "w.log")
         try:
             wait_worker_ready(server.url, w)
-            wait_for(lambda: all((store.get(j) or {}).get("status") == "succeeded"
+            wait_for(lambda: all(store.get(j).status == "succeeded"
                                  for j in ids), 1800, "the jobs", every=0.5)
         finally:
             w.stop()

@@ -29,7 +29,6 @@ from .protocol import (
     JobPayload,
     JobStatus,
     JobStore,
-    Keys,
     PayloadError,
     Settings,
     parse_payload,
@@ -277,10 +276,10 @@ def _count_lost(ctx: WorkerContext, job_id: str) -> None:
     """Count an attempt whose job was no longer its own at the end as what it became:
     `canceled` when the job was canceled, else handed to another attempt (not an ending)."""
     try:
-        status = ctx.store.r.hget(Keys.job(job_id), "status")
+        job = ctx.store.get(job_id)
     except redis.RedisError:
-        status = None
-    if status is not None and status.decode() == JobStatus.CANCELED.value:
+        job = None
+    if job is not None and job.status is JobStatus.CANCELED:
         metrics.JOBS_COMPLETED.labels(JobStatus.CANCELED.value).inc()
     else:
         metrics.ATTEMPTS_HANDED_ON.inc()
@@ -289,9 +288,9 @@ def _count_lost(ctx: WorkerContext, job_id: str) -> None:
 def _start(ctx: WorkerContext, p: JobPayload) -> None:
     """Queue-wait metric and the all-grey first preview of a claimed job."""
     info, params = ctx.model_info, p.params
-    job = ctx.store.get(p.job_id) or {}
-    if job.get("created_at") and job.get("started_at"):
-        metrics.QUEUE_WAIT.observe(max(0.0, float(job["started_at"]) - float(job["created_at"])))
+    job = ctx.store.get(p.job_id)
+    if job is not None and job.started_at is not None:
+        metrics.QUEUE_WAIT.observe(max(0.0, job.started_at - job.created_at))
     try:
         ctx.store.write_progress(p.job_id, p.attempt, ctx.worker_name, 0.0,
                                  grey_preview(params.num_images, info["channels"],

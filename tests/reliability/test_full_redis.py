@@ -77,24 +77,24 @@ def test_final_write_refused_by_full_redis_is_retried_and_heartbeat_survives(
         name = wait_worker_ready(url, w)
         job_id, _ = store.create_job(GenerationParams(prompt="a red square", num_images=4,
                                                       seed=1), test_hooks={"row_delay": 0.3})
-        wait_for(lambda: (store.get(job_id) or {}).get("status") == "running", 30, "the job")
+        wait_for(lambda: store.get(job_id).status == "running", 30, "the job")
         fillers = fill(r)
         # The job ends sampling (8 rows x 0.3 s) while Redis stays full.
         deadline = time.monotonic() + 8 * 0.3 + FULL_FOR_S
         while time.monotonic() < deadline:
             assert r.exists(Keys.worker(name)), "the heartbeat key expired while Redis was full"
-            job = store.get(job_id) or {}
-            assert job["status"] == "running" and job["attempt"] == "1"
+            job = store.get(job_id)
+            assert job.status == "running" and job.attempt == 1
             assert w.alive()
             time.sleep(0.2)
         assert "final write (succeeded, 4 image(s)) refused: Redis is full" in w.log()
         r.delete(*[f"filler:{i}" for i in range(fillers)])  # room again
         r.config_set("maxmemory", MAXMEMORY)
 
-        wait_for(lambda: (store.get(job_id) or {}).get("status") == "succeeded", 30,
+        wait_for(lambda: store.get(job_id).status == "succeeded", 30,
                  "the job to be recorded once Redis has room")
-        job = store.get(job_id) or {}
-        assert job["attempt"] == "1" and job["images"] == "4"
+        job = store.get(job_id)
+        assert job.attempt == 1 and job.images == 4
         pngs = [store.get_blob(Keys.image(job_id, k)) or b"" for k in range(4)]
         assert all(p.startswith(b"\x89PNG") for p in pngs)
         info = json.loads(r.get(Keys.worker(name)))
@@ -105,7 +105,7 @@ def test_final_write_refused_by_full_redis_is_retried_and_heartbeat_survives(
 
         # The worker still serves.
         nxt, _ = store.create_job(GenerationParams(prompt="a blue square", seed=2))
-        wait_for(lambda: (store.get(nxt) or {}).get("status") == "succeeded", 30, "next job")
+        wait_for(lambda: store.get(nxt).status == "succeeded", 30, "next job")
         assert w.alive()
         _record_sizes(r, job_id, 4)
     finally:

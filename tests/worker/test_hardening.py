@@ -25,7 +25,7 @@ from tests.worker.helpers import (
     wait_for,
     wait_worker_ready,
 )
-from worker.protocol import QUEUE_NAME, GenerationParams, JobStatus, JobStore, Keys, Settings
+from worker.protocol import QUEUE_NAME, GenerationParams, JobRecord, JobStore, Keys, Settings
 
 ZEN = "Beautiful is better than ugly"  # what `import this` prints
 
@@ -55,12 +55,14 @@ def _worker(redis_url: str, checkpoint: Path, log: Path, procs: list[Proc], **en
     return w
 
 
-def _job(store: JobStore, job_id: str) -> dict[str, str]:
-    return store.get(job_id) or {}
+def _job(store: JobStore, job_id: str) -> JobRecord:
+    job = store.get(job_id)
+    assert job is not None, f"job {job_id} vanished"
+    return job
 
 
 def _ended(store: JobStore, *ids: str) -> bool:
-    return all(JobStatus(_job(store, j).get("status", "queued")).finished for j in ids)
+    return all(_job(store, j).status.finished for j in ids)
 
 
 def _unchecked(**fields: Any) -> GenerationParams:
@@ -107,12 +109,12 @@ def test_queue_entries_naming_other_code_are_refused_without_import(
     wait_for(lambda: _ended(store, ok), 60, "the job behind the hostile entries")
     assert not target.exists()
     assert ZEN not in w.log()
-    assert _job(store, ok)["status"] == "succeeded"  # the worker carried on serving
+    assert _job(store, ok).status == "succeeded"  # the worker carried on serving
     wait_for(lambda: _ended(store, victim), 10, "the job whose entry was rewritten")
     victim_job = _job(store, victim)
-    assert victim_job["status"] == "failed"
-    assert victim_job["error_code"] == "invalid_payload"
-    assert "os.mkdir" in victim_job["error_message"]
+    assert victim_job.status == "failed"
+    assert victim_job.error_code == "invalid_payload"
+    assert "os.mkdir" in victim_job.error_message
     failed = set(FailedJobRegistry(QUEUE_NAME, connection=r).get_job_ids())
     assert {j.id for j in hostile} | {f"{victim}-a1"} <= failed
     log = w.log()
@@ -132,10 +134,10 @@ def test_unparseable_payload_ends_failed_invalid_payload(
     _worker(redis_url, checkpoint, tmp_path / "w.log", procs)
     wait_for(lambda: _ended(store, bad, good), 60, "both jobs to end")
     job = _job(store, bad)
-    assert job["status"] == "failed" and job["error_code"] == "invalid_payload"
-    assert "top_k" in job["error_message"]
-    assert job["finished_at"]
-    assert _job(store, good)["status"] == "succeeded"
+    assert job.status == "failed" and job.error_code == "invalid_payload"
+    assert "top_k" in job.error_message
+    assert job.finished_at
+    assert _job(store, good).status == "succeeded"
 
 
 # ---------------------------------------------------------------------------- item 9
@@ -151,12 +153,12 @@ def test_bad_job_fails_alone_and_its_batch_mates_succeed(
     w = _worker(redis_url, checkpoint, tmp_path / "w.log", procs, PROMPTPIX_MAX_BATCH="4")
     wait_for(lambda: _ended(store, *ids), 60, "all five jobs")
     g0, bad_payload, g1, bad_request, g2 = (_job(store, j) for j in ids)
-    assert [g["status"] for g in (g0, g1, g2)] == ["succeeded"] * 3
-    assert bad_payload["status"] == "failed"
-    assert bad_payload["error_code"] == "invalid_payload"
-    assert bad_request["status"] == "failed"
-    assert bad_request["error_code"] == "invalid_request"
-    assert "class_label 3" in bad_request["error_message"]
+    assert [g.status for g in (g0, g1, g2)] == ["succeeded"] * 3
+    assert bad_payload.status == "failed"
+    assert bad_payload.error_code == "invalid_payload"
+    assert bad_request.status == "failed"
+    assert bad_request.error_code == "invalid_request"
+    assert "class_label 3" in bad_request.error_message
     assert f"batch of 3 jobs (3 images): {ids[0]} {ids[2]} {ids[4]}" in w.log()
 
 
@@ -170,8 +172,8 @@ def test_timeout_while_encoding_pngs_ends_timeout_and_is_not_retried(
     wait_for(lambda: _ended(store, slow), 30, "the slow job")
     time.sleep(2.0)  # several reaper sweeps (0.5 s): nothing may hand the job on
     job = _job(store, slow)
-    assert job["status"] == "failed" and job["error_code"] == "timeout"
-    assert job["attempt"] == "1" and job["retries"] == "0"
+    assert job.status == "failed" and job.error_code == "timeout"
+    assert job.attempt == 1 and job.retries == 0
 
 
 # ---------------------------------------------------------------------------- item 14
@@ -183,11 +185,11 @@ def test_attempt_handed_on_is_not_counted_canceled(
         store.r.get(k) for k in store.r.keys(Keys.worker("*"))] if v), None), 10, "name")
     slow, _ = store.create_job(GenerationParams(prompt="a red square", seed=1),
                                test_hooks={"row_delay": 0.3})
-    wait_for(lambda: float(_job(store, slow).get("progress") or 0) > 0, 30, "the job to run")
+    wait_for(lambda: _job(store, slow).progress > 0, 30, "the job to run")
     # What the reaper does to a job whose worker it believes lost: attempt 2 is queued.
     assert store.requeue(slow, 1, name, lost=True) == "requeued"
     wait_for(lambda: _ended(store, slow), 60, "attempt 2")
-    assert _job(store, slow)["status"] == "succeeded" and _job(store, slow)["attempt"] == "2"
+    assert _job(store, slow).status == "succeeded" and _job(store, slow).attempt == 2
     info = _info(store, name)
     assert _metric(info, 'promptpix_jobs_completed_total{status="canceled"}') == 0
     assert _metric(info, 'promptpix_jobs_completed_total{status="succeeded"}') == 1

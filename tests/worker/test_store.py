@@ -47,12 +47,12 @@ def test_claim_progress_finish(store: JobStore) -> None:
     assert store.claim(job_id, rq_job_id(job_id, 1), "w2", MODEL) == "running"
     assert store.write_progress(job_id, 1, "w1", 0.5, b"png")
     assert store.write_progress(job_id, 1, "w1", 0.25, None)  # never decreases
-    assert store.get(job_id)["progress"] == "0.5"
+    assert store.get(job_id).progress == 0.5
     assert not store.write_progress(job_id, 1, "w2", 0.9, None)  # not the owner
     assert not store.should_stop(job_id, 1, "w1") and store.should_stop(job_id, 1, "w2")
     assert store.finish(job_id, 1, "w1", JobStatus.SUCCEEDED, images=[b"a", b"b"])
     job = store.get(job_id)
-    assert job["status"] == "succeeded" and job["images"] == "2" and job["progress"] == "1"
+    assert job.status == "succeeded" and job.images == 2 and job.progress == 1
     assert store.get_blob(Keys.image(job_id, 1)) == b"b"
     assert 0 < store.r.ttl(Keys.image(job_id, 0)) <= store.settings.result_ttl
     assert not store.r.sismember(Keys.running, job_id)
@@ -64,7 +64,7 @@ def test_cancel_running_fences_worker(store: JobStore) -> None:
     assert store.cancel(job_id) == "ok"
     assert store.should_stop(job_id, 1, "w1")
     assert not store.finish(job_id, 1, "w1", JobStatus.SUCCEEDED, images=[b"x"])
-    assert store.get(job_id)["status"] == "canceled"
+    assert store.get(job_id).status == "canceled"
     assert store.cancel(job_id) == "canceled"
 
 
@@ -79,8 +79,8 @@ def test_reaper_requeues_at_front_then_fails(store: JobStore) -> None:
     store.r.delete(Keys.worker("w1"))  # the worker died: its key expired
     assert reap_once(store) == [(job_id, "requeued")]
     job = store.get(job_id)
-    assert job["status"] == "queued" and job["attempt"] == "2" and job["progress"] == "0"
-    assert job["has_preview"] == "0" and store.get_blob(Keys.preview(job_id)) is None
+    assert job.status == "queued" and job.attempt == 2 and job.progress == 0
+    assert not job.has_preview and store.get_blob(Keys.preview(job_id)) is None
     assert store.queue_position(rq_job_id(job_id, 2)) == 0  # front, before `other`
     assert store.queue_position(rq_job_id(other, 1)) == 1
     # The lost attempt can no longer write anything.
@@ -92,7 +92,7 @@ def test_reaper_requeues_at_front_then_fails(store: JobStore) -> None:
     store.r.delete(Keys.worker("w2"))
     assert store.reap() == [(job_id, "failed")]
     job = store.get(job_id)
-    assert job["status"] == "failed" and job["error_code"] == "worker_lost"
+    assert job.status == "failed" and job.error_code == "worker_lost"
     assert store.reap() == []
 
 
@@ -118,7 +118,7 @@ def test_shutdown_requeue_does_not_count(store: JobStore) -> None:
     store.claim(job_id, rq_job_id(job_id, 1), "w1", MODEL)
     assert store.requeue(job_id, 1, "w1", lost=False) == "requeued"
     job = store.get(job_id)
-    assert job["attempt"] == "2" and job["retries"] == "0"
+    assert job.attempt == 2 and job.retries == 0
     assert store.requeue(job_id, 1, "w1", lost=False) == "skip"
 
 
@@ -191,7 +191,7 @@ def test_reaper_failed_job_stays_readable_for_result_ttl(store: JobStore) -> Non
         if attempt == 2:
             _age(store, job_id, "promptpix:idem:t:2")
         store.reap()
-    assert store.get(job_id)["error_code"] == "worker_lost"
+    assert store.get(job_id).error_code == "worker_lost"
     assert store.r.ttl(Keys.job(job_id)) > store.settings.result_ttl - 10
     assert store.r.ttl("promptpix:idem:t:2") > store.settings.result_ttl - 10
 
@@ -227,4 +227,4 @@ def test_admitted_job_without_queue_entry_is_enqueued_by_the_reaper(store: JobSt
     assert store.reap_orphans() == [
         (job_id, "enqueued (admitted, its queue entry never written)")]
     assert store.queue_position(rq_job_id(job_id, 2)) == 0
-    assert store.get(job_id)["attempt"] == "2"
+    assert store.get(job_id).attempt == 2

@@ -5,6 +5,7 @@ error codes, payload validation, the job store and the reaper.
 """
 
 from .reaper import Periodic, reap_once, start_reaper
+from .record import JobRecord
 from .schema import (
     JOB_FUNC,
     JOB_FUNCS,
@@ -38,6 +39,7 @@ from .store import (
     JobStore,
     QueueFull,
     QuotaExceeded,
+    Requeue,
     redis_connection,
     storage_full,
 )
@@ -60,6 +62,7 @@ __all__ = [
     "JobErrorCode",
     "JobKind",
     "JobPayload",
+    "JobRecord",
     "JobStatus",
     "JobStore",
     "Keys",
@@ -68,6 +71,7 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "QuotaExceeded",
+    "Requeue",
     "SamplingParams",
     "Settings",
     "Transition",

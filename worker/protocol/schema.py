@@ -98,6 +98,22 @@ class PayloadError(ProtocolError):
     """A job payload read from Redis does not match `JobPayload`."""
 
 
+class QueueFull(ProtocolError):
+    """PROMPTPIX_MAX_QUEUE jobs are waiting (all callers, all models)."""
+
+
+class QuotaExceeded(ProtocolError):
+    """PROMPTPIX_MAX_QUEUED_PER_KEY jobs of this caller are waiting."""
+
+
+class IdempotencyConflict(ProtocolError):
+    """The Idempotency-Key was used before with a different body (holds the old job id)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"Idempotency-Key already used for job {job_id} with another body")
+        self.job_id = job_id
+
+
 # ---------------------------------------------------------------------------------------
 # Redis key names (one place, so API replicas and workers can never disagree)
 class Keys:
