@@ -4,7 +4,9 @@ RQ runs whatever a queue entry names (a function by dotted path, success/failure
 callbacks, dependents, webhooks, retries). Anyone able to write to Redis could make a
 worker import and call any function. `refusal` reads an entry's fields as plain data and
 says what is wrong with it, before RQ imports anything; `fail_refused` marks the entry
-failed without running any of its hooks.
+failed without running any of its hooks. RQ's registry maintenance runs hooks too (the
+failure callback, retry, dependents and webhooks of an abandoned entry): `clean_registries`
+replaces it with one that only forgets expired entries.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 
 from rq.job import Job, JobStatus
 from rq.queue import Queue
-from rq.registry import FailedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.utils import current_timestamp
+from rq.worker_registration import clean_worker_registry
 
 from .protocol import JOB_FUNCS
 
@@ -85,3 +89,18 @@ def entry_fields(job: Job) -> dict[str, Any]:
     except Exception:
         func = "<undeserializable>"
     return {"rq_id": job.id, "func": func, "origin": job.origin}
+
+
+def clean_registries(queue: Queue) -> None:
+    """RQ's registry maintenance without running anything an entry names.
+
+    Expired entries of the finished, failed and started registries are dropped; the jobs
+    behind abandoned started entries are recovered by the promptpix reaper (which reads
+    the job hashes, never RQ's hooks). Deferred, ready and group registries are left alone:
+    this project enqueues no dependencies, groups or schedules."""
+    r = queue.connection
+    kw = {"connection": r, "serializer": queue.serializer}
+    FinishedJobRegistry(queue.name, **kw).cleanup()
+    FailedJobRegistry(queue.name, **kw).cleanup()
+    r.zremrangebyscore(queue.started_job_registry.key, 0, current_timestamp())
+    clean_worker_registry(queue)

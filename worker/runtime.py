@@ -109,6 +109,7 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
     from rq import SimpleWorker
     from rq.exceptions import StopRequested
     from rq.serializers import JSONSerializer
+    from rq.utils import now as rq_now
 
     from . import jobs, metrics, rq_guard
     from .protocol import (
@@ -158,7 +159,8 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
     reaper = start_reaper(store)
 
     class PromptPixWorker(SimpleWorker):
-        """SimpleWorker: this worker's PROMPTPIX_JOB_TIMEOUT, and a deadline on shutdown."""
+        """SimpleWorker that runs only allowlisted job functions (`rq_guard`), with this
+        worker's PROMPTPIX_JOB_TIMEOUT and a deadline on shutdown."""
 
         def execute_job(self, job: Any, queue: Any) -> None:
             reason = rq_guard.refusal(job)
@@ -168,6 +170,17 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
             # The worker's own limit holds (it knows its hardware), not the submitter's.
             job.timeout = settings.job_timeout
             super().execute_job(job, queue)
+
+        def clean_registries(self) -> None:
+            # RQ's own cleanup runs abandoned entries' failure callbacks and webhooks.
+            for queue in self.queues:
+                if queue.acquire_maintenance_lock():
+                    rq_guard.clean_registries(queue)
+                    queue.release_maintenance_lock()
+            self.last_cleaned_at = rq_now()
+
+        def clean_group_registries(self) -> None:
+            pass  # no groups in this project; RQ's cleanup of them would run their hooks
 
         def request_stop(self, signum: int, frame: FrameType | None) -> None:
             if ctx.shutdown_deadline is None:

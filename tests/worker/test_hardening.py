@@ -87,10 +87,17 @@ def _info(store: JobStore, name: str) -> dict[str, Any]:
 def test_queue_entries_naming_other_code_are_refused_without_import(
     redis_url: str, store: JobStore, checkpoint: Path, tmp_path: Path, procs: list[Proc]
 ) -> None:
-    w = _worker(redis_url, checkpoint, tmp_path / "w.log", procs)
     target = tmp_path / "made-by-redis"
     r = redis.Redis.from_url(redis_url)
     q = Queue(QUEUE_NAME, connection=r, serializer=JSONSerializer)
+    # An abandoned entry in RQ's started registry: RQ's maintenance (run as a worker starts)
+    # would call its failure callback.
+    abandoned = q.enqueue_call("worker.jobs.generate", args=({},),
+                               on_failure=Callback("this.s"))
+    r.lrem(q.key, 0, abandoned.id)
+    r.hset(abandoned.key, "status", "started")
+    r.zadd(q.started_job_registry.key, {f"{abandoned.id}:x": 1})
+    w = _worker(redis_url, checkpoint, tmp_path / "w.log", procs)
     hostile = [
         q.enqueue_call("os.mkdir", args=(str(target),)),
         q.enqueue_call("this.s"),  # importing `this` prints the Zen of Python
