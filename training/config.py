@@ -50,6 +50,10 @@ class TrainConfig:
     shapes_synonym_prob: float = _opt(
         0.0, "shapes: share of training captions reworded with the training synonym list "
         "(never the evaluation's words; see training/paraphrase.py)", min=0.0, max=1.0)
+    val_fraction: float = _opt(
+        0.05, "share of the images held out for validation when the dataset has no split of "
+        "its own (imagenet, folder without val/, coco with one of train2017/val2017): every "
+        "round(1/val_fraction)-th image, fixed across runs", min_excl=0.0, max_excl=1.0)
     image_size: int = _opt(32, "image side in pixels (images are resized/cropped)", min=2)
     num_workers: int = _opt(2, "DataLoader worker processes per rank", min=0)
     # --- model (names equal ModelConfig fields) ---------------------------------------

@@ -24,7 +24,8 @@ def make_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     from training.datasets import build_dataset
 
     opts = {"shapes_train_size": cfg.shapes_train_size,
-            "shapes_synonym_prob": cfg.shapes_synonym_prob, "download": cfg.download}
+            "shapes_synonym_prob": cfg.shapes_synonym_prob, "download": cfg.download,
+            "val_fraction": cfg.val_fraction}
     train = build_dataset(cfg.dataset, cfg.data_root, cfg.image_size, split="train", **opts)
     val = build_dataset(cfg.dataset, cfg.data_root, cfg.image_size, split="val", **opts)
     return train, val

@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         from training.datasets import build_dataset
 
         train_args = meta.get("train_args") or {}
-        opts = {"shapes_train_size": int(train_args.get("shapes_train_size", 50000))}
+        # The run's holdout, so a one-split dataset is evaluated on the images it held out.
+        opts = {"shapes_train_size": int(train_args.get("shapes_train_size", 50000)),
+                "val_fraction": float(train_args.get("val_fraction", 0.05))}
         val_ds = build_dataset(dataset, args.data_root, size, split="val", **opts)
         scales = args.guidance_scale or [float(meta.get("default_guidance_scale") or 1.0)]
         result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "dataset": dataset,
