@@ -112,6 +112,10 @@ class TrainConfig:
     resume: str = _opt(
         "", "resume from a checkpoint path; '--resume' alone means CHECKPOINT_DIR/latest.pth"
     )
+    init_from: str = _opt(
+        "", "start a fresh run from the weights of this checkpoint (e.g. train.py's base "
+        "model): every weight whose name and shape match is loaded, the rest initialised; "
+        "ignored when --resume continues a run")
     save_freq: int = _opt(0, "also write latest.pth every N steps (0: at evaluations only)", min=0)
     eval_every: int = _opt(0, "evaluate every N steps (0: at the end of each epoch)", min=0)
     val_samples: int = _opt(1000, "validation images used for bits/dim", min=1)
@@ -222,6 +226,8 @@ def parse_train_args(
             f"argument --text_nhead: text_embed_dim {cfg.text_embed_dim} is not divisible by "
             f"text_nhead {cfg.text_nhead}"
         )
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        parser.error(f"argument --init_from: {cfg.init_from!r} is not a checkpoint file")
     if not cfg.checkpoint_dir.strip():
         parser.error("argument --checkpoint_dir: must not be empty")
     dev = cfg.device

@@ -53,10 +53,14 @@ class Trainer:
         resume = self._resume_path()
         train_state: dict[str, Any] | None = None
         if resume is not None:
+            if cfg.init_from and self.d.master:
+                log.warning("--init_from %s ignored: resuming %s", cfg.init_from, resume)
             self.model, meta, train_state = load_for_resume(resume, cfg, self.d.master)
             self.example_prompts: list[str] = list(meta.get("example_prompts") or [])
         else:
             self.model, self.example_prompts = build_fresh_model(cfg, self.train_ds, self.d)
+            if cfg.init_from:
+                self._init_from(cfg.init_from)
         self.model.to(self.device)
         self.mcfg = self.model.config
         self.text_cache = self._enable_text_cache()  # before the EMA copies the model
@@ -95,6 +99,14 @@ class Trainer:
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[self.device] if cuda else None)
         self.logger = MetricsLog(self.dir, cfg.tensorboard) if self.d.master else None
+
+    def _init_from(self, path: str) -> None:
+        from .init_from import init_from_checkpoint
+
+        report = init_from_checkpoint(self.model, path)  # every rank: same file, same weights
+        if self.d.master:
+            for line in report.lines():
+                log.info("%s", line)
 
     def _enable_text_cache(self) -> Any:
         """A frozen pretrained encoder maps a caption to the same states every time, and
