@@ -118,7 +118,9 @@ class TrainConfig:
         "ignored when --resume continues a run")
     save_freq: int = _opt(0, "also write latest.pth every N steps (0: at evaluations only)", min=0)
     eval_every: int = _opt(0, "evaluate every N steps (0: at the end of each epoch)", min=0)
-    val_samples: int = _opt(1000, "validation images used for bits/dim", min=1)
+    val_samples: int = _opt(
+        0, "validation images used for bits/dim (0: 1000 on a GPU, 100 on a CPU, where an "
+        "image takes seconds at the default width; see docs/training.md)", min=0)
     prior_samples: int = _opt(
         10000, "training images scanned for the frequency prior and the vocabulary", min=1
     )
@@ -126,7 +128,8 @@ class TrainConfig:
         default_factory=list,
         metadata={"help": "prompts for the sample grid (default: a few training captions)"},
     )
-    num_sample_images: int = _opt(4, "images per sample prompt in the grid", min=1)
+    num_sample_images: int = _opt(
+        0, "images per sample prompt in the grid (0: 4 on a GPU, 1 on a CPU)", min=0)
     default_guidance_scale: float = _opt(
         1.0, "guidance scale recorded in the checkpoint and used for samples (1: none)",
         min=1.0

@@ -42,6 +42,16 @@ class EvalMixin:
     best_step: int | None
     eval_pending: bool
 
+    @property
+    def val_samples(self) -> int:
+        """--val_samples, or its device default: a CPU validates on 100 images, not 1000."""
+        return self.cfg.val_samples or (1000 if self.device.type == "cuda" else 100)
+
+    @property
+    def num_sample_images(self) -> int:
+        """--num_sample_images, or its device default: 1 a prompt on a CPU, 4 on a GPU."""
+        return self.cfg.num_sample_images or (4 if self.device.type == "cuda" else 1)
+
     def _served(self) -> Any:
         return self.ema.module if self.ema is not None else self.model
 
@@ -56,7 +66,7 @@ class EvalMixin:
         module = self._served()
         was_training = module.training
         module.eval()
-        idx = val_subset(self.val_ds, self.cfg.val_samples, self.d.rank, self.d.world_size)
+        idx = val_subset(self.val_ds, self.val_samples, self.d.rank, self.d.world_size)
         loader = make_loader(torch.utils.data.Subset(self.val_ds, idx), None,
                              self.cfg.batch_size, 0, pin=False)
         # [sum of bpd, images, ranks that stopped]
@@ -97,7 +107,7 @@ class EvalMixin:
             n = len(self.cfg.sample_prompts) or min(4, self.mcfg.num_classes)
             labels = [i % self.mcfg.num_classes for i in range(n)]
             prompts = (prompts * n)[:n]
-        n_images = len(prompts) * self.cfg.num_sample_images
+        n_images = len(prompts) * self.num_sample_images
         bar = progress(self.mcfg.image_size, f"sample grid ({n_images} images)", "row",
                        leave=False)
         shown = [0]
@@ -110,7 +120,7 @@ class EvalMixin:
         module.eval()
         try:
             with self.stop.interruptible(not self.d.ddp):
-                imgs = module.generate(prompts, num_images=self.cfg.num_sample_images,
+                imgs = module.generate(prompts, num_images=self.num_sample_images,
                                        class_labels=labels, seed=self.cfg.seed,
                                        guidance_scale=self.cfg.default_guidance_scale,
                                        progress=on_row, should_stop=lambda: self.stop.requested)
@@ -119,7 +129,7 @@ class EvalMixin:
         finally:
             bar.close()
             module.train(was_training)
-        grid = make_grid(imgs, nrow=self.cfg.num_sample_images)
+        grid = make_grid(imgs, nrow=self.num_sample_images)
         # The file name holds only the step: prompts (dataset text) never reach a path.
         path = self.dir / "samples" / f"step_{self.step:07d}.png"
         return save_png(grid, path), grid
@@ -159,7 +169,7 @@ class EvalMixin:
                               sample_seconds=grid_s, **extra)
             if grid is not None:
                 self.logger.image("samples", self.step, grid)
-            n_val = min(self.cfg.val_samples, len(self.val_ds))
+            n_val = min(self.val_samples, len(self.val_ds))
             log.info("step %d epoch %d: val %.4f bits/dim (best %.4f); validation of %d images "
                      "took %.1f s, the sample grid %.1f s", self.step, self.epoch, val,
                      self.best_val, n_val, val_s, grid_s)

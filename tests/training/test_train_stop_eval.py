@@ -121,3 +121,20 @@ def test_second_ctrl_c_quits_at_once() -> None:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_cpu_defaults_keep_an_evaluation_short(tmp_path: Path, one_thread: None) -> None:
+    """--val_samples / --num_sample_images 0 (the defaults): 100 images and one sample a
+    prompt on a CPU (1000 and 4 on a GPU); an explicit value is kept."""
+    from training.config import parse_train_args
+    from training.distributed import DistInfo
+    from training.trainer import Trainer
+
+    cfg = parse_train_args([])
+    assert (cfg.val_samples, cfg.num_sample_images) == (0, 0)
+    t = Trainer(parse_train_args([*TINY, "--val_samples", "0", "--num_sample_images", "0",
+                                  "--checkpoint_dir", str(tmp_path / "a")]), DistInfo())
+    assert (t.val_samples, t.num_sample_images) == (100, 1)
+    t = Trainer(parse_train_args([*TINY, "--val_samples", "7", "--num_sample_images", "3",
+                                  "--checkpoint_dir", str(tmp_path / "b")]), DistInfo())
+    assert (t.val_samples, t.num_sample_images) == (7, 3)
