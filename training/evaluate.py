@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from .progress import track
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def validation_bpd(model: Any, ds: Any, n: int, batch_size: int) -> float:
 
     n = min(n, len(ds))
     total, count = 0.0, 0
-    for start in tqdm(range(0, n, batch_size), desc="val bits/dim", unit="batch"):
+    starts = range(0, n, batch_size)
+    for start in track(starts, len(starts), "val bits/dim", "batch"):
         stop = min(n, start + batch_size)
         images, captions, labels = collate([ds[i] for i in range(start, stop)])
         ids, mask = model.tokenize(captions)
@@ -102,8 +104,8 @@ def _generate(model: Any, prompts: list[str], labels: list[int] | None, scale: f
               args: argparse.Namespace) -> torch.Tensor:
     """One image per prompt, image i seeded with seed + i: uint8 [N, C, H, W]."""
     out = []
-    for s in tqdm(range(0, len(prompts), args.batch_size), desc=f"sampling g={scale:g}",
-                  unit="batch"):
+    starts = range(0, len(prompts), args.batch_size)
+    for s in track(starts, len(starts), f"sampling g={scale:g}", "batch"):
         e = min(len(prompts), s + args.batch_size)
         out.append(model.generate(prompts[s:e], num_images=1,
                                   class_labels=None if labels is None else labels[s:e],
