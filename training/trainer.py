@@ -327,25 +327,27 @@ class Trainer(EvalMixin):
         self.bar = progress(self.total_steps, "training", "step", initial=self.step,
                             enabled=self.d.master, every_steps=cfg.log_every, every_s=None)
         stopped = False
-        try:
-            with self.stop:
+        # The handlers stay in place while a stop saves: a second Ctrl-C then quits at once,
+        # and a second SIGTERM does not kill the save.
+        with self.stop:
+            try:
                 if self.eval_pending:  # the last run was stopped inside this evaluation
                     self.evaluate_and_save()
                     self.last_eval_step = self.step
                 self._train_loop()
                 if self.last_eval_step != self.step:
                     self.evaluate_and_save()
-        except TrainingStopped:
-            stopped = True
-            if self.last_save_step != self.step or self.eval_pending:
-                self.save(None)
-            if self.d.master:
-                log.warning("%s: saved %s at step %d; continue with --resume",
-                            self.stop.reason or "stop", self.dir / "latest.pth", self.step)
-        finally:
-            self.bar.close()
-            if self.logger is not None:
-                self.logger.close()
+            except TrainingStopped:
+                stopped = True
+                if self.last_save_step != self.step or self.eval_pending:
+                    self.save(None)
+                if self.d.master:
+                    log.warning("%s: saved %s at step %d; continue with --resume",
+                                self.stop.reason or "stop", self.dir / "latest.pth", self.step)
+            finally:
+                self.bar.close()
+                if self.logger is not None:
+                    self.logger.close()
         if self.d.master:
             summary = RunSummary(self.dir, self.step, self.total_steps, start_step,
                                  time.perf_counter() - t_start, self.best_val, self.best_step,
