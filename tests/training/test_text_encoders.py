@@ -82,7 +82,8 @@ def test_minilm_checkpoints_are_small_and_resume(minilm_run: dict[str, Any],
 
 @needs_minilm
 def test_cache_gives_the_same_loss(tmp_path: Path, one_thread: None) -> None:
-    flags = ["--text_encoder", "minilm", "--max_steps", "4", "--eval_every", "4"]
+    flags = ["--text_encoder", "minilm", "--max_steps", "4", "--eval_every", "4",
+             "--log_every", "1"]
     cached = run_trainer(tmp_path / "cached", *flags)
     plain = run_trainer(tmp_path / "plain", *flags, "--text_cache_size", "0")
     assert plain.text_cache is not None and plain.text_cache.cache_misses == 0  # never used
