@@ -16,9 +16,10 @@ from fastapi.staticfiles import StaticFiles
 from worker.protocol import JobStore, Settings, get_settings, redis_connection, start_reaper
 
 from .errors import install_error_handlers
+from .jobwatch import close_async_redis
 from .metrics import MetricsMiddleware
 from .middleware import BodyLimitMiddleware
-from .routes import generations, models, service, web
+from .routes import generations, models, openai_images, service, web
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             reaper.stop()
             store.r.close()
+            await close_async_redis(app)
 
     app = FastAPI(title="promptpix", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(generations.router)
     app.include_router(models.router)
+    app.include_router(openai_images.router)
     app.include_router(service.router)
     app.include_router(web.router)
     if web.STATIC_DIR.is_dir():
