@@ -75,6 +75,21 @@ async def owned_job(r: aioredis.Redis, job_id: str, owner: str) -> dict[str, str
     return job
 
 
+async def owned_jobs(r: aioredis.Redis, job_ids: list[str],
+                     owner: str) -> list[dict[str, str] | None]:
+    """`owned_job` of each id, in one round trip."""
+    async with r.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hgetall(Keys.job(job_id))
+        raws = await pipe.execute()
+    out: list[dict[str, str] | None] = []
+    for raw in raws:
+        job = {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+        ok = job is not None and hmac.compare_digest(job.get("owner", ""), owner)
+        out.append(job if ok else None)
+    return out
+
+
 async def set_label(r: aioredis.Redis, job_id: str, field: str, value: str) -> bool:
     """Record a label (e.g. OpenAI's `user`) on an existing job hash."""
     return bool(await r.eval(_HSET_IF_EXISTS, 1, Keys.job(job_id), field, value))

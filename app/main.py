@@ -19,7 +19,7 @@ from .errors import install_error_handlers
 from .jobwatch import close_async_redis
 from .metrics import MetricsMiddleware
 from .middleware import BodyLimitMiddleware
-from .routes import generations, models, openai_images, service, web
+from .routes import events, generations, models, openai_images, service, web
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations.router)
     app.include_router(models.router)
     app.include_router(openai_images.router)
+    app.include_router(events.router)
     app.include_router(service.router)
     app.include_router(web.router)
     if web.STATIC_DIR.is_dir():
