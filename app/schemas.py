@@ -69,6 +69,7 @@ class JobView(BaseModel):
     images: list[str]
     preview_url: str | None
     error: JobErrorOut | None
+    user: str | None = Field(None, description="the `user` label of an OpenAI-API request")
 
 
 class ModelInfo(BaseModel):

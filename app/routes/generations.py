@@ -71,7 +71,7 @@ def job_view(job: dict[str, str], store: StoreDep) -> JobView:
         finished_at=iso(job.get("finished_at")),
         images=[f"{PREFIX}/{job_id}/images/{n}.png" for n in range(n_images)],
         preview_url=f"{PREFIX}/{job_id}/preview.png" if job.get("has_preview") == "1" else None,
-        error=error,
+        error=error, user=job.get("user") or None,
     )
 
 

@@ -158,7 +158,9 @@ def _image_size(job: dict[str, str]) -> int:
 @router.post("/v1/images/generations", dependencies=[Depends(rate_limited)],
              responses={200: {"description": "`{created, data: [{b64_json|url, "
                                               "revised_prompt, seed}], output_format, size}`; "
-                                              "with stream: text/event-stream"}})
+                                              "with stream: text/event-stream",
+                              "content": {"application/json": {},
+                                          "text/event-stream": {}}}})
 async def generate_images(body: ImageGenerationRequest, request: Request,
                           principal: PrincipalDep, store: StoreDep,
                           settings: SettingsDep) -> Response:

@@ -31,6 +31,7 @@ class Stack:
         self.base = f"http://127.0.0.1:{self.port}"
         self.api = start_api(self.redis.url, self.port, tmp / "api.log",
                              PROMPTPIX_API_KEYS=KEY, PROMPTPIX_URL_TTL="60",
+                             PROMPTPIX_RATE_LIMIT="0",
                              PROMPTPIX_MODEL_ALIASES="dall-e-3=tiny16")
         self.worker: Proc = start_worker(self.redis.url, checkpoint, tmp / "worker.log",
                                          PROMPTPIX_MAX_BATCH="2")

@@ -5,6 +5,7 @@ Real parts: uvicorn API, a `promptpix worker` on a tiny 16x16 model, a real Redi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import time
@@ -58,7 +59,7 @@ def test_b64_json_is_a_normal_job(stack: Stack) -> None:
     assert (res.model_extra or {})["id"] == job_id
     job = stack.job(job_id)
     assert job["status"] == "succeeded" and job["model"]["id"] == "tiny16"
-    assert job["params"]["temperature"] == 0.9
+    assert job["params"]["temperature"] == 0.9 and job["user"] == "alice"
     raw = stack.store.get(job_id) or {}
     assert raw["user"] == "alice" and raw["owner"] == stack.owner()
     # The same bytes as the job's own PNG.
@@ -184,6 +185,38 @@ def test_disconnect_cancels_and_timeout_is_504(stack: Stack, tmp_path: Path) -> 
         assert poll_job(stack.http, job_id, finished)["status"] == "succeeded"
     finally:
         api.stop()
+
+
+def test_waiting_requests_hold_no_threads(stack: Stack) -> None:
+    """More sync requests wait than the thread pool has threads (40), yet a route that
+    needs a thread answers at once; the clients then give up and their jobs are canceled."""
+    blocker = stack.slow_job(0.15)  # ~2.4 s: every request below waits behind it
+    poll_job(stack.http, blocker, lambda j: j["status"] == "running")
+    before = stack.job_ids()
+    waiting = 48
+
+    async def scenario() -> tuple[int, float, list[object]]:
+        timeout = httpx.Timeout(30, read=3.0)
+        async with httpx.AsyncClient(base_url=stack.base, headers=AUTH,
+                                     timeout=timeout) as c:
+            tasks = [asyncio.create_task(c.post("/v1/images/generations",
+                                                json={"prompt": "a red square"}))
+                     for _ in range(waiting)]
+            await asyncio.sleep(1.5)
+            t0 = time.monotonic()
+            models = await c.get("/v1/models")  # a plain `def` route: runs in a thread
+            took = time.monotonic() - t0
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        return models.status_code, took, results
+
+    status, took, results = asyncio.run(scenario())
+    assert status == 200 and took < 1.0, took
+    new = stack.job_ids() - before
+    assert len(new) == waiting
+    timed_out = sum(isinstance(r, httpx.ReadTimeout) for r in results)
+    assert timed_out > 0
+    ends = [poll_job(stack.http, j, finished, timeout=30)["status"] for j in new]
+    assert ends.count("canceled") >= timed_out - 2 and set(ends) <= {"canceled", "succeeded"}
 
 
 def test_failed_job_is_500_without_retry(stack: Stack) -> None:
