@@ -161,7 +161,7 @@ def test_stream_partial_images(stack: Stack) -> None:
 
 
 def test_disconnect_cancels_and_timeout_is_504(stack: Stack, tmp_path: Path) -> None:
-    blocker = stack.slow_job(0.1)  # ~1.6 s: ours waits behind it
+    blocker = stack.slow_job(0.2)  # ~3.2 s: ours waits behind it
     poll_job(stack.http, blocker, lambda j: j["status"] == "running")
     before = stack.job_ids()
     with pytest.raises(httpx.ReadTimeout):
@@ -169,6 +169,13 @@ def test_disconnect_cancels_and_timeout_is_504(stack: Stack, tmp_path: Path) -> 
                    headers=AUTH, timeout=httpx.Timeout(30, read=0.5))
     (gone,) = stack.job_ids() - before
     wait_for(lambda: stack.job(gone)["status"] == "canceled", 5, "the job to be canceled")
+    # Closing a stream cancels its job too.
+    before = stack.job_ids()
+    with httpx.stream("POST", f"{stack.base}/v1/images/generations", headers=AUTH,
+                      json={"prompt": "a red square", "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-")
+        (streamed,) = wait_for(lambda: stack.job_ids() - before, 5, "the streamed job")
+    wait_for(lambda: stack.job(streamed)["status"] == "canceled", 5, "the stream's job")
     # A second API with a 0.5 s limit: 504, not retried by the SDK, the job goes on.
     port = free_port()
     api = start_api(stack.redis.url, port, tmp_path / "api2.log", PROMPTPIX_API_KEYS=KEY,
