@@ -36,6 +36,21 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error",
 IGNORED = "Accepted for compatibility and ignored."
 
 
+class OpenAIErrorDetail(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every error body of the `/v1/images/...` routes."""
+
+    error: OpenAIErrorDetail
+
+
 def openai_error(status: int, code: str, message: str, param: str | None = None,
                  headers: dict[str, str] | None = None, retry: bool | None = None) -> JSONResponse:
     """A response in OpenAI's error shape. Our 422 is OpenAI's 400; `retry=False` sets

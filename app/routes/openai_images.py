@@ -42,6 +42,7 @@ from ..jobwatch import (
 )
 from ..openai_compat import (
     ImageGenerationRequest,
+    OpenAIErrorResponse,
     OpenAIRoute,
     check_signature,
     openai_error,
@@ -53,13 +54,17 @@ from .generations import submit
 logger = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "OpenAI error shape: invalid field, unsupported size, ..."},
-    401: {"description": "missing or unknown API key"},
-    404: {"description": "`model_not_found`"},
-    429: {"description": "`rate_limited` or `queue_full` (Retry-After ≤ 60)"},
-    500: {"description": "the job failed: `code` is its error code; x-should-retry: false"},
-    504: {"description": "not done within PROMPTPIX_SYNC_TIMEOUT; the job goes on (its id is "
-                         "in the message); x-should-retry: false"},
+    # "4XX"/"5XX" (OpenAI's shape) also keep FastAPI from documenting its own 422 body:
+    # these routes answer invalid requests with 400.
+    "4XX": {"model": OpenAIErrorResponse,
+            "description": "OpenAI's error shape. 400 invalid field or unsupported size; "
+                           "401 missing or unknown key; 403 bad or expired image URL; 404 "
+                           "`model_not_found` or image gone; 429 `rate_limited` / "
+                           "`queue_full` (Retry-After ≤ 60)"},
+    "5XX": {"model": OpenAIErrorResponse,
+            "description": "500: the job failed (`code` is its error code); 504: not done "
+                           "within PROMPTPIX_SYNC_TIMEOUT, the job goes on (its id is in the "
+                           "message); both with x-should-retry: false. 503: Redis down"},
 }
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, responses=_ERRORS)
 
@@ -224,63 +229,78 @@ def _event(kind: str, data: dict[str, Any]) -> dict[str, str]:
     return {"event": kind, "data": json_of({"type": kind, **data})}
 
 
+def _error_event(code: str, message: str) -> dict[str, str]:
+    return {"event": "error", "data": json_of({"error": {
+        "message": message, "type": "server_error", "param": None, "code": code}})}
+
+
 async def _stream(wait: _Wait, body: ImageGenerationRequest, side: int | None,
                   store: JobStore) -> AsyncIterator[dict[str, str]]:
     """OpenAI's image streaming events: `image_generation.partial_image` (rows so far, at
-    most `partial_images`, spread over the image) then `image_generation.completed`."""
-    sent, finished = 0, False
-    common = {"background": "opaque", "output_format": "png", "quality": "auto"}
+    most `partial_images`, spread over the image) then `image_generation.completed`; an
+    `error` event (OpenAI's error shape) when the job fails, expires or times out. Closing
+    the stream early cancels the job."""
+    state = {"sent": 0, "finished": False}
     try:
-        while True:
-            job = await wait.poll()
-            assert job is not None
-            size = _image_size(job)
-            scale = imaging.scale_for(side, size) if size else 1
-            done = rows_done(job)
-            threshold = size * (sent + 1) / (body.partial_images + 1) if size else 0
-            if (job["status"] == JobStatus.RUNNING.value and sent < body.partial_images
-                    and job.get("has_preview") == "1" and size and threshold <= done < size):
-                preview = await get_blob(wait.r, Keys.preview(job["id"]))
-                if preview is not None:
-                    png = await run_in_threadpool(imaging.partial_png, preview, 0, size, scale)
-                    yield _event("image_generation.partial_image", {
-                        **common, "b64_json": base64.b64encode(png).decode(),
-                        "created_at": int(time.time()), "partial_image_index": sent,
-                        "size": f"{size * scale}x{size * scale}"})
-                    sent += 1
-                    continue
-            if job["status"] in FINISHED:
-                finished = True
-                if job["status"] != JobStatus.SUCCEEDED.value:
-                    err = json.loads(bytes(_job_error(job).body))
-                    yield {"event": "error", "data": json_of(err)}
-                    return
-                data = await get_blob(wait.r, Keys.image(job["id"], 0)) or b""
-                png = await run_in_threadpool(imaging.enlarge_png, data, scale)
-                tokens = size * size * int(json.loads(job["model"]).get("channels") or 1)
-                yield _event("image_generation.completed", {
-                    **common, "b64_json": base64.b64encode(png).decode(),
-                    "created_at": int(time.time()), "size": f"{size * scale}x{size * scale}",
-                    "usage": {"input_tokens": 0, "output_tokens": tokens,
-                              "total_tokens": tokens,
-                              "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}})
-                return
-            if wait.timed_out:
-                finished = True  # the job goes on, as with the JSON answer
-                yield {"event": "error", "data": json_of({"error": {
-                    "message": f"job {wait.job_id} did not finish within "
-                               "PROMPTPIX_SYNC_TIMEOUT; it goes on",
-                    "type": "server_error", "param": None, "code": "timeout"}})}
-                return
-            await asyncio.sleep(WATCH_INTERVAL_S)
+        async for event in _stream_events(wait, body, side, state):
+            yield event
+    except (ApiError, imaging.SizeError) as e:
+        state["finished"] = True
+        code = e.code if isinstance(e, ApiError) else "invalid_size"
+        yield _error_event(code, e.message if isinstance(e, ApiError) else str(e))
     finally:
-        if not finished:
+        if not state["finished"]:
             await _cancel(store, wait.job_id)
 
 
+async def _stream_events(wait: _Wait, body: ImageGenerationRequest, side: int | None,
+                         state: dict[str, Any]) -> AsyncIterator[dict[str, str]]:
+    common = {"background": "opaque", "output_format": "png", "quality": "auto"}
+    while True:
+        job = await wait.poll()
+        assert job is not None
+        size = _image_size(job)
+        scale = imaging.scale_for(side, size) if size else 1
+        sent = state["sent"]
+        threshold = size * (sent + 1) / (body.partial_images + 1)
+        if (job["status"] == JobStatus.RUNNING.value and sent < body.partial_images
+                and job.get("has_preview") == "1" and size and threshold <= rows_done(job) < size):
+            preview = await get_blob(wait.r, Keys.preview(job["id"]))
+            if preview is not None:
+                png = await run_in_threadpool(imaging.partial_png, preview, 0, size, scale)
+                yield _event("image_generation.partial_image", {
+                    **common, "b64_json": base64.b64encode(png).decode(),
+                    "created_at": int(time.time()), "partial_image_index": sent,
+                    "size": f"{size * scale}x{size * scale}"})
+                state["sent"] = sent + 1
+                continue
+        if job["status"] in FINISHED:
+            state["finished"] = True
+            if job["status"] != JobStatus.SUCCEEDED.value:
+                yield {"event": "error", "data": bytes(_job_error(job).body).decode()}
+                return
+            data = await get_blob(wait.r, Keys.image(job["id"], 0))
+            if data is None:
+                raise ApiError(404, "not_found", f"job {job['id']}: its image expired")
+            png = await run_in_threadpool(imaging.enlarge_png, data, scale)
+            tokens = size * size * int(json.loads(job["model"]).get("channels") or 1)
+            yield _event("image_generation.completed", {
+                **common, "b64_json": base64.b64encode(png).decode(),
+                "created_at": int(time.time()), "size": f"{size * scale}x{size * scale}",
+                "usage": {"input_tokens": 0, "output_tokens": tokens, "total_tokens": tokens,
+                          "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}})
+            return
+        if wait.timed_out:
+            state["finished"] = True  # the job goes on, as with the JSON answer
+            yield _error_event("timeout", f"job {wait.job_id} did not finish within "
+                                          "PROMPTPIX_SYNC_TIMEOUT; it goes on: fetch it at "
+                                          f"/v1/generations/{wait.job_id}")
+            return
+        await asyncio.sleep(WATCH_INTERVAL_S)
+
+
 @router.get("/v1/images/files/{job_id}/{n}.png", response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "PNG image"},
-                       403: {"description": "bad signature or expired URL"}})
+            responses={200: {"content": {"image/png": {}}, "description": "PNG image"}})
 async def signed_image(request: Request, job_id: str, n: int,
                        scale: int = Query(1, ge=1, le=imaging.MAX_SIDE_PX),
                        expires: int = Query(...), sig: str = Query(..., max_length=128)
