@@ -183,10 +183,9 @@ async def generate_images(body: ImageGenerationRequest, request: Request,
     except imaging.SizeError as e:
         raise ApiError(400, "invalid_size", str(e), "size") from e
     model = _resolve_model(body, settings, await run_in_threadpool(store.models))
-    scale = 1
-    if model is not None:
+    if model is not None:  # check the size before queueing (unknown model: when it ends)
         try:
-            scale = imaging.scale_for(side, int(model["image_size"]))
+            imaging.scale_for(side, int(model["image_size"]))
         except imaging.SizeError as e:
             raise ApiError(400, "invalid_size", str(e), "size") from e
     created = await run_in_threadpool(submit, _generation_request(body), Response(),
