@@ -71,7 +71,7 @@ def job_view(job: JobRecord, store: StoreDep) -> JobView:
         finished_at=iso(job.finished_at),
         images=[f"{PREFIX}/{job.id}/images/{n}.png" for n in range(n_images)],
         preview_url=f"{PREFIX}/{job.id}/preview.png" if job.has_preview else None,
-        error=error,
+        error=error, user=job.user,
     )
 
 

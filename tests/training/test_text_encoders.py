@@ -188,7 +188,8 @@ def test_minilm_checkpoint_serves_through_a_worker(minilm_run: dict[str, Any], r
         name = wait_worker_ready(redis_url, worker, timeout=180)
         store = JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
         info = next(w for w in store.live_workers() if w["name"] == name)
-        assert info["model_id"] == meta["model_id"]
+        model = next(m for m in store.models() if m["id"] == info["model_id"])
+        assert model["checksum"] == meta["model_id"]  # the id is the file's name
         job_id, _ = store.create_job(GenerationParams(prompt="a crimson ball", seed=3))
         job = wait_for(lambda: (j := store.get(job_id)) and j.status in
                        ("succeeded", "failed") and j, 120, "the job to finish")
