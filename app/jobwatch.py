@@ -15,14 +15,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
-from worker.protocol import JobStatus, Keys, Settings
+from worker.protocol import JobRecord, JobStatus, Keys, Settings
 from worker.protocol.schema import KEY_PREFIX
 
 logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.1
 URL_SECRET_KEY = f"{KEY_PREFIX}:url_secret"
-FINISHED = {s.value for s in JobStatus if s.finished}
+FINISHED = frozenset(s for s in JobStatus if s.finished)
 
 # Writes `field` only on a job that still exists, so an expired job is not re-created
 # without a TTL. KEYS: job hash. ARGV: field, value.
@@ -59,35 +59,29 @@ def request_redis(request: Request) -> aioredis.Redis:
     return async_redis(request.app)
 
 
-async def read_job(r: aioredis.Redis, job_id: str) -> dict[str, str] | None:
-    """The job hash as text, or None when unknown or expired."""
+async def read_job(r: aioredis.Redis, job_id: str) -> JobRecord | None:
+    """The job, or None when unknown or expired."""
     raw = await r.hgetall(Keys.job(job_id))
-    if not raw:
-        return None
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return JobRecord.from_hash(raw) if raw else None
 
 
-async def owned_job(r: aioredis.Redis, job_id: str, owner: str) -> dict[str, str] | None:
-    """The job hash when it exists and belongs to `owner` (constant-time compare)."""
-    job = await read_job(r, job_id)
-    if job is None or not hmac.compare_digest(job.get("owner", ""), owner):
-        return None
-    return job
+def _owned(job: JobRecord | None, owner: str) -> JobRecord | None:
+    return job if job is not None and hmac.compare_digest(job.owner, owner) else None
+
+
+async def owned_job(r: aioredis.Redis, job_id: str, owner: str) -> JobRecord | None:
+    """The job when it exists and belongs to `owner` (constant-time compare)."""
+    return _owned(await read_job(r, job_id), owner)
 
 
 async def owned_jobs(r: aioredis.Redis, job_ids: list[str],
-                     owner: str) -> list[dict[str, str] | None]:
+                     owner: str) -> list[JobRecord | None]:
     """`owned_job` of each id, in one round trip."""
     async with r.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
             pipe.hgetall(Keys.job(job_id))
         raws = await pipe.execute()
-    out: list[dict[str, str] | None] = []
-    for raw in raws:
-        job = {k.decode(): v.decode() for k, v in raw.items()} if raw else None
-        ok = job is not None and hmac.compare_digest(job.get("owner", ""), owner)
-        out.append(job if ok else None)
-    return out
+    return [_owned(JobRecord.from_hash(raw) if raw else None, owner) for raw in raws]
 
 
 async def set_label(r: aioredis.Redis, job_id: str, field: str, value: str) -> bool:
@@ -101,18 +95,15 @@ async def get_blob(r: aioredis.Redis, key: str) -> bytes | None:
     return bytes(value) if value is not None else None
 
 
-def rows_total(job: dict[str, str]) -> int:
+def rows_total(job: JobRecord) -> int:
     """Image height (rows) of the model the job runs on; 0 before a worker takes it."""
-    try:
-        return int(json.loads(job.get("model") or "{}").get("image_size") or 0)
-    except (ValueError, AttributeError):
-        return 0
+    return int((job.model or {}).get("image_size") or 0)
 
 
-def rows_done(job: dict[str, str]) -> int:
+def rows_done(job: JobRecord) -> int:
     """Rows sampled so far (from the stored progress fraction)."""
     total = rows_total(job)
-    return min(total, round(float(job.get("progress") or 0.0) * total))
+    return min(total, round(job.progress * total))
 
 
 async def url_secret(app: FastAPI) -> bytes:

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse
 
-from worker.protocol import JobStatus, JobStore
+from worker.protocol import JobRecord, JobStatus, JobStore
 
 from ..deps import JOB_ID_PATTERN, JobIdPath, PrincipalDep, StoreDep
 from ..errors import ERROR_RESPONSES, ApiError, not_found
@@ -46,8 +46,8 @@ _SSE = {200: {"content": {"text/event-stream": {}},
 router = APIRouter(tags=["events"], responses={**ERROR_RESPONSES, **_SSE})
 
 
-def _ms(ts: str | None) -> int:
-    return int(float(ts) * 1000) if ts else 0
+def _ms(ts: float | None) -> int:
+    return int(ts * 1000) if ts else 0
 
 
 def parse_event_id(value: str | None) -> EventKey:
@@ -56,24 +56,24 @@ def parse_event_id(value: str | None) -> EventKey:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def job_events(job: dict[str, str], store: JobStore) -> list[tuple[EventKey, str, dict[str, Any]]]:
+def job_events(job: JobRecord, store: JobStore) -> list[tuple[EventKey, str, dict[str, Any]]]:
     """The events the job's current state implies, in id order (see the module doc)."""
-    job_id, state = job["id"], job["status"]
-    attempt = int(job.get("attempt") or 1)
-    created, started = _ms(job.get("created_at")), _ms(job.get("started_at"))
+    job_id, state, attempt = job.id, job.status, job.attempt
+    created, started = _ms(job.created_at), _ms(job.started_at)
     out: list[tuple[EventKey, str, dict[str, Any]]] = [
         ((created, 0), "status", {"job": job_id, "status": "queued", "attempt": attempt})]
     if started:
         out.append(((started, 0), "status", {"job": job_id, "status": "running",
                                              "attempt": attempt}))
         done, total = rows_done(job), rows_total(job)
-        if done and state == JobStatus.RUNNING.value:
+        if done and state is JobStatus.RUNNING:
             out.append(((started, done), "progress", {
-                "job": job_id, "progress": float(job.get("progress") or 0.0),
+                "job": job_id, "progress": job.progress,
                 "rows_done": done, "rows_total": total}))
     if state in FINISHED:
-        end = max(_ms(job.get("finished_at")), started + 1, created + 1)
-        out.append(((end, 0), "status", {"job": job_id, "status": state, "attempt": attempt}))
+        end = max(_ms(job.finished_at), started + 1, created + 1)
+        out.append(((end, 0), "status", {"job": job_id, "status": state.value,
+                                         "attempt": attempt}))
         view = json.loads(job_view(job, store).model_dump_json())
         out.append(((end, 1), "done", view))
     return out
@@ -110,7 +110,7 @@ async def job_event_stream(
                 if key > last:
                     yield _sse(key, kind, data)
                     last = key
-            if job["status"] in FINISHED:
+            if job.status in FINISHED:
                 return
             await asyncio.sleep(WATCH_INTERVAL_S)
 
@@ -151,7 +151,7 @@ async def multi_event_stream(
                     if key > last[job_id]:
                         yield _sse(key, kind, data)
                         last[job_id] = key
-                if job["status"] in FINISHED:
+                if job.status in FINISHED:
                     del last[job_id]
             if last:
                 await asyncio.sleep(WATCH_INTERVAL_S)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import re
 import time
@@ -24,7 +23,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from worker.protocol import JobStatus, JobStore, Keys, Settings
+from worker.protocol import JobRecord, JobStatus, JobStore, Keys, Settings
 
 from .. import imaging
 from ..deps import JOB_ID_PATTERN, PrincipalDep, SettingsDep, StoreDep, rate_limited
@@ -102,10 +101,11 @@ def _generation_request(body: ImageGenerationRequest) -> GenerationRequest:
         raise ApiError(400, "invalid_request", f"{field}: {err['msg']}", field) from e
 
 
-def _job_error(job: dict[str, str]) -> JSONResponse:
-    code = job.get("error_code") or ("canceled" if job["status"] == "canceled" else "failed")
-    message = job.get("error_message") or f"job {job['id']} ended {job['status']}"
-    return openai_error(500, code, f"job {job['id']} {job['status']}: {message}", retry=False)
+def _job_error(job: JobRecord) -> JSONResponse:
+    state = job.status.value
+    code = job.error_code or ("canceled" if job.status is JobStatus.CANCELED else "failed")
+    message = job.error_message or f"job {job.id} ended {state}"
+    return openai_error(500, code, f"job {job.id} {state}: {message}", retry=False)
 
 
 class _Wait:
@@ -134,30 +134,30 @@ async def _cancel(store: JobStore, job_id: str) -> None:
     logger.info("job %s: client disconnected; cancel -> %s", job_id, outcome)
 
 
-async def _images(request: Request, job: dict[str, str], body: ImageGenerationRequest,
+async def _images(request: Request, job: JobRecord, body: ImageGenerationRequest,
                   scale: int, settings: Settings) -> list[dict[str, Any]]:
     r = request_redis(request)
-    seed = int(json.loads(job["params"])["seed"])
+    seed = int(job.params["seed"])
     out: list[dict[str, Any]] = []
     if body.response_format == "url":
         secret = await url_secret(request.app)
         base = str(request.base_url).rstrip("/")
-        for k in range(int(job.get("images") or 0)):
-            path = signed_path(secret, job["id"], k, scale, settings.url_ttl)
+        for k in range(job.images):
+            path = signed_path(secret, job.id, k, scale, settings.url_ttl)
             out.append({"url": base + path, "revised_prompt": None, "seed": seed + k})
         return out
-    for k in range(int(job.get("images") or 0)):
-        data = await get_blob(r, Keys.image(job["id"], k))
+    for k in range(job.images):
+        data = await get_blob(r, Keys.image(job.id, k))
         if data is None:
-            raise ApiError(404, "not_found", f"job {job['id']}: image {k} expired")
+            raise ApiError(404, "not_found", f"job {job.id}: image {k} expired")
         png = await run_in_threadpool(imaging.enlarge_png, data, scale)
         out.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": None,
                     "seed": seed + k})
     return out
 
 
-def _image_size(job: dict[str, str]) -> int:
-    return int(json.loads(job.get("model") or "{}").get("image_size") or 0)
+def _image_size(job: JobRecord) -> int:
+    return int((job.model or {}).get("image_size") or 0)
 
 
 @router.post("/v1/images/generations", dependencies=[Depends(rate_limited)],
@@ -199,7 +199,7 @@ async def generate_images(body: ImageGenerationRequest, request: Request,
                                    ping=15)
     while True:
         job = await wait.poll()
-        if job is not None and job["status"] in FINISHED:
+        if job is not None and job.status in FINISHED:
             break
         if await request.is_disconnected():
             await _cancel(store, created.id)
@@ -211,14 +211,14 @@ async def generate_images(body: ImageGenerationRequest, request: Request,
                                 f"on: fetch it at /v1/generations/{created.id}",
                                 headers=headers, retry=False)
         await asyncio.sleep(WATCH_INTERVAL_S)
-    if job["status"] != JobStatus.SUCCEEDED.value:
+    if job.status is not JobStatus.SUCCEEDED:
         return _job_error(job)
     size = _image_size(job)
     try:
         scale = imaging.scale_for(side, size)  # the model was unknown at submission
     except imaging.SizeError as e:
         raise ApiError(400, "invalid_size", str(e), "size") from e
-    answer = {"created": int(float(job["created_at"])), "id": created.id,
+    answer = {"created": int(job.created_at), "id": created.id,
               "data": await _images(request, job, body, scale, settings),
               "output_format": "png", "size": f"{size * scale}x{size * scale}"}
     return JSONResponse(answer, headers=headers)
@@ -262,9 +262,9 @@ async def _stream_events(wait: _Wait, body: ImageGenerationRequest, side: int | 
         scale = imaging.scale_for(side, size) if size else 1
         sent = state["sent"]
         threshold = size * (sent + 1) / (body.partial_images + 1)
-        if (job["status"] == JobStatus.RUNNING.value and sent < body.partial_images
-                and job.get("has_preview") == "1" and size and threshold <= rows_done(job) < size):
-            preview = await get_blob(wait.r, Keys.preview(job["id"]))
+        if (job.status is JobStatus.RUNNING and sent < body.partial_images
+                and job.has_preview and size and threshold <= rows_done(job) < size):
+            preview = await get_blob(wait.r, Keys.preview(job.id))
             if preview is not None:
                 png = await run_in_threadpool(imaging.partial_png, preview, 0, size, scale)
                 yield _event("image_generation.partial_image", {
@@ -273,16 +273,16 @@ async def _stream_events(wait: _Wait, body: ImageGenerationRequest, side: int | 
                     "size": f"{size * scale}x{size * scale}"})
                 state["sent"] = sent + 1
                 continue
-        if job["status"] in FINISHED:
+        if job.status in FINISHED:
             state["finished"] = True
-            if job["status"] != JobStatus.SUCCEEDED.value:
+            if job.status is not JobStatus.SUCCEEDED:
                 yield {"event": "error", "data": bytes(_job_error(job).body).decode()}
                 return
-            data = await get_blob(wait.r, Keys.image(job["id"], 0))
+            data = await get_blob(wait.r, Keys.image(job.id, 0))
             if data is None:
-                raise ApiError(404, "not_found", f"job {job['id']}: its image expired")
+                raise ApiError(404, "not_found", f"job {job.id}: its image expired")
             png = await run_in_threadpool(imaging.enlarge_png, data, scale)
-            tokens = size * size * int(json.loads(job["model"]).get("channels") or 1)
+            tokens = size * size * int((job.model or {}).get("channels") or 1)
             yield _event("image_generation.completed", {
                 **common, "b64_json": base64.b64encode(png).decode(),
                 "created_at": int(time.time()), "size": f"{size * scale}x{size * scale}",

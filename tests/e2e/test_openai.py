@@ -60,8 +60,8 @@ def test_b64_json_is_a_normal_job(stack: Stack) -> None:
     job = stack.job(job_id)
     assert job["status"] == "succeeded" and job["model"]["id"] == "tiny16"
     assert job["params"]["temperature"] == 0.9 and job["user"] == "alice"
-    raw = stack.store.get(job_id) or {}
-    assert raw["user"] == "alice" and raw["owner"] == stack.owner()
+    raw = stack.store.get(job_id)
+    assert raw is not None and raw.user == "alice" and raw.owner == stack.owner()
     # The same bytes as the job's own PNG.
     assert stack.http.get(job["images"][1]).content == base64.b64decode(res.data[1].b64_json)
 
