@@ -16,9 +16,7 @@ import redis
 import torch
 from rq.timeouts import JobTimeoutException
 
-from model import PromptPix
-from model.compile import StaticDecoder
-from model.sampling import SampleRequest, generate_batch
+from model import PromptPix, SampleRequest, StaticDecoder, generate_batch
 
 from . import metrics
 from .images import grey_preview, preview_png, result_pngs

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, load_checkpoint, save_checkpoint
+from model import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from model.prior import count_frequency_prior
 
 from .conftest import CAPTIONS, scrambled, tiny_config
@@ -66,7 +66,7 @@ def test_checkpoint_round_trip_gives_identical_logits(make_model, tmp_path):
             model.forward_logits(images, CAPTIONS[:2], [0, 1]),
             loaded.forward_logits(images, CAPTIONS[:2], [0, 1]),
         )
-    assert meta["dataset"] == "shapes" and meta["format_version"] == 1
+    assert meta["dataset"] == "shapes" and meta["format_version"] == FORMAT_VERSION
     assert meta["default_guidance_scale"] == 2.0 and loaded.default_guidance_scale == 2.0
     assert len(meta["model_id"]) == 16 and meta["tokenizer"] == "word"
 
@@ -124,7 +124,11 @@ def test_corrupt_truncated_and_mismatched_files_are_named(make_model, tmp_path):
     torch.save(payload, tmp_path / "v99.pth")
     with pytest.raises(CheckpointError, match="format_version 99"):
         load_checkpoint(tmp_path / "v99.pth")
-    payload["format_version"] = 1
+    payload["format_version"] = 1  # the old sub-pixel layout
+    torch.save(payload, tmp_path / "v1.pth")
+    with pytest.raises(CheckpointError, match=r"sub-pixel layout.*retrain"):
+        load_checkpoint(tmp_path / "v1.pth")
+    payload["format_version"] = FORMAT_VERSION
     payload["config"]["hidden_dim"] = 64
     torch.save(payload, tmp_path / "mismatch.pth")
     with pytest.raises(CheckpointError, match="do not match"):
