@@ -9,6 +9,7 @@ Public API (the worker, benchmarks and outside checks use only this)::
     imgs, bpd = model.generate(prompts, seed=0, return_bits=True)
     out = generate_batch(model, [SampleRequest(...), ...], decoder=None)  # several requests
     decoder, why = compiled_decoder(model, enabled=True)        # StaticDecoder or None
+    x = prepare_image(png_bytes, image_size, channels)          # uint8 [C, H, W], as training
     save_checkpoint(path, model, meta=None)
 """
 
@@ -16,6 +17,7 @@ from .checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from .compile import StaticDecoder, compiled_decoder
 from .config import ModelConfig
 from .errors import CheckpointError, GenerationStopped, PromptPixError
+from .images import prepare_image
 from .network import PromptPix, bits_per_dim
 from .sampling import SampleRequest, generate_batch
 
@@ -32,5 +34,6 @@ __all__ = [
     "compiled_decoder",
     "generate_batch",
     "load_checkpoint",
+    "prepare_image",
     "save_checkpoint",
 ]

@@ -164,3 +164,28 @@ def test_model_package_imports_nothing_of_ours():
         "('app', 'worker', 'training')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prepare_image_equals_the_training_pipeline(tmp_path):
+    """An upload is prepared byte for byte as training prepares a dataset file: EXIF
+    orientation, RGBA composited on white, bicubic resize of the shorter side, centre crop."""
+    import numpy as np
+    from PIL import Image
+
+    from model import PromptPixError, prepare_image
+    from training.datasets.base import load_image
+
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (30, 47, 4), dtype=np.uint8), "RGBA")
+    path = tmp_path / "up.png"
+    rgba.save(path)
+    want = load_image(path, 16)
+    got = prepare_image(path.read_bytes(), 16, 3)
+    assert got.dtype == torch.uint8 and torch.equal(got, want)
+    assert torch.equal(prepare_image(path, 16, 3), want)
+    assert (got[:, 0, 0] > 0).all()  # transparency became white, not black
+    grey = prepare_image(path, 8, 1)
+    ref = Image.fromarray(load_image(path, 8).permute(1, 2, 0).numpy(), "RGB").convert("L")
+    assert grey.shape == (1, 8, 8) and np.array_equal(grey[0].numpy(), np.array(ref))
+    with pytest.raises(PromptPixError, match="cannot read the image"):
+        prepare_image(b"not an image", 8, 3)
