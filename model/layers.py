@@ -1,5 +1,6 @@
 """Building blocks of the network: attention with a static KV cache, gated cross-attention
-decoder blocks, and the scratch text encoder. Everything on the image side is per token."""
+decoder blocks, and the scratch text encoder. Everything on the image side is per position
+(one position per pixel): nothing pools or normalises across positions."""
 
 from __future__ import annotations
 
