@@ -189,3 +189,18 @@ def test_prepare_image_equals_the_training_pipeline(tmp_path):
     assert grey.shape == (1, 8, 8) and np.array_equal(grey[0].numpy(), np.array(ref))
     with pytest.raises(PromptPixError, match="cannot read the image"):
         prepare_image(b"not an image", 8, 3)
+
+
+def test_resume_refuses_a_sub_pixel_checkpoint(make_model, tmp_path):
+    """`--resume` loads through load_checkpoint: a format_version 1 (sub-pixel layout) file
+    is refused with the same message, not half-loaded."""
+    from training.config import TrainConfig
+    from training.model_setup import load_for_resume
+
+    path = tmp_path / "latest.pth"
+    save_checkpoint(path, make_model(), train_state={"step": 3})
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 1
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"format_version 1: the old sub-pixel layout"):
+        load_for_resume(path, TrainConfig(), master=True)
