@@ -73,7 +73,8 @@ class JobView(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    """A checkpoint that a live worker serves, as an OpenAI model object plus our facts."""
+    """A registered model, as an OpenAI model object plus our facts (null size, channels
+    and parameters for a model PROMPTPIX_MODELS declares that no worker has loaded yet)."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -82,10 +83,10 @@ class ModelInfo(BaseModel):
     created: int = Field(0, description="unix time the checkpoint records, else 0")
     owned_by: str = "promptpix"
     checksum: str = Field("", description="content hash of the weights (the old `id`)")
-    image_size: int
-    channels: int
+    image_size: int | None = None
+    channels: int | None = None
     num_classes: int = 0
-    parameters: int
+    parameters: int | None = None
     dataset: str | None = None
     steps: int | None = None
     val_bpd: float | None = None

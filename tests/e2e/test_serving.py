@@ -112,7 +112,7 @@ def test_submit_poll_pngs(stack: Stack) -> None:
 
 def test_class_label_checked_against_the_served_model(stack: Stack) -> None:
     """The tiny model has no classes: any class label is a 422 before it is queued."""
-    (model,) = stack.http.get("/v1/models").json()["models"]
+    (model,) = stack.http.get("/v1/models").json()["data"]
     label = int(model.get("num_classes") or 0)
     r = stack.http.post("/v1/generations", json={"prompt": "a red square", "class_label": label})
     assert r.status_code == 422 and r.json()["error"]["field"] == "class_label", r.text

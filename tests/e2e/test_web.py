@@ -378,7 +378,8 @@ def test_a_page_following_five_running_jobs_stays_within_the_rate_limit(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     procs = [start_api(redis_url, port, tmp_path / "api.log")]  # default limits
-    store = JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
+    store = JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url),
+                     model=tiny_checkpoint.stem)
     # The first job's hook slows every row of the batch it leads (its mates wait for it).
     ids = [store.create_job(GenerationParams(prompt="a red square", seed=k),
                             test_hooks={"row_delay": 4.0} if k == 0 else None)[0]

@@ -82,7 +82,7 @@ def test_retry_of_accepted_job_is_answered_when_the_queue_is_full(
 
 def test_global_cap_is_atomic_under_concurrent_submissions(redis_url: str) -> None:
     settings = Settings(redis_url=redis_url, max_queue=5)
-    store = JobStore(redis.Redis.from_url(redis_url), settings)
+    store = JobStore(redis.Redis.from_url(redis_url), settings, model="m1")
     gate = threading.Barrier(20)
 
     def one(i: int) -> bool:

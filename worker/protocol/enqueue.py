@@ -45,9 +45,14 @@ class EnqueueOps(StoreBase):
         False) when its body hash matches, and a different body raises
         `IdempotencyConflict`; then `QueueFull` past PROMPTPIX_MAX_QUEUE waiting jobs, and
         `QuotaExceeded` past PROMPTPIX_MAX_QUEUED_PER_KEY waiting jobs of `quota_who` (the
-        caller's key or address; '' = not capped). The RQ entry follows; if that write
-        fails, the admission is undone.
+        caller's key or address; '' = not capped), counting the jobs of every model. The
+        RQ entry follows on the queue of `params.model` (None: this store's model, else
+        the default or only registered one, else `ModelRequired`); if that write fails, the
+        admission is undone.
         """
+        if params.model is None:  # the API always names it; `resolve_model` as it would
+            model = self.model or self.resolve_model(None)["id"]  # type: ignore[attr-defined]
+            params = params.model_copy(update={"model": model})
         ttl = self.settings.result_ttl
         params_dict = params.model_dump(mode="json")
         job_id = uuid.uuid4().hex

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # ---------------------------------------------------------------------------------------
 # Named defaults and limits
-QUEUE_NAME = "generate"
+QUEUE_NAME = "generate"  # a model's queue is `generate:<model>` (`queue_name`)
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # what a model id may be
 JOB_FUNC = "worker.jobs.generate"  # dotted path: RQ imports it by name, never unpickles code
 KEY_PREFIX = "promptpix"
 MAX_SEED = 2**53  # seeds are exact integers in JavaScript below this
@@ -125,6 +126,9 @@ class Keys:
     queued = f"{KEY_PREFIX}:queued"
     workers = f"{KEY_PREFIX}:workers"  # zset worker name -> last heartbeat (unix s)
     reaper_lock = f"{KEY_PREFIX}:reaper:lock"
+    # hash model id -> its facts (JSON), written when a worker first loads it; persistent
+    # (no TTL), so jobs for a model without a live worker are accepted (scale to zero)
+    models = f"{KEY_PREFIX}:models"
 
     @staticmethod
     def job(job_id: str) -> str:
@@ -147,14 +151,16 @@ class Keys:
     def worker(name: str) -> str:
         return f"{KEY_PREFIX}:worker:{name}"
 
-    @staticmethod
-    def model(model_id: str) -> str:
-        return f"{KEY_PREFIX}:model:{model_id}"
 
     @staticmethod
     def idempotency(scope: str, key: str) -> str:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         return f"{KEY_PREFIX}:idem:{scope}:{digest}"
+
+
+def queue_name(model: str) -> str:
+    """The RQ queue of one model's jobs (Redis key `rq:queue:generate:<model>`)."""
+    return f"{QUEUE_NAME}:{model}"
 
 
 def rq_job_id(job_id: str, attempt: int) -> str:
@@ -179,6 +185,8 @@ class SamplingParams(BaseModel):
     guidance_scale: float | None = Field(None, ge=1.0, le=MAX_GUIDANCE_SCALE,
                                          description="null = the model's default")
     class_label: int | None = Field(None, ge=0, lt=MAX_CLASS_LABEL)
+    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN,
+                              description="model id (see GET /v1/models); null = the default")
 
     @field_validator("prompt")
     @classmethod

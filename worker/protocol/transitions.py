@@ -36,7 +36,11 @@ class TransitionOps(StoreBase):
 
     def cancel(self, job_id: str) -> str:
         """Cancel a queued or running job; return 'ok', 'missing' or its finished state."""
-        out = self._cancel(keys=[Keys.job(job_id), self.queue.key, Keys.running,
+        job = self.get(job_id)
+        if job is None:
+            return "missing"
+        # The model (so the queue) of a job never changes: reading it first is safe.
+        out = self._cancel(keys=[Keys.job(job_id), self.job_queue(job).key, Keys.running,
                                  Keys.preview(job_id), Keys.queued],
                            args=[repr(time.time()), job_id, self.settings.result_ttl])
         result = _s(out) or "missing"
