@@ -383,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
                 child = start_child(name, ["worker"], worker_env)
                 child.optional = demo and len(checkpoints) > 1
                 launcher.children.append(child)
+        if env.get("PROMPTPIX_WEBHOOK_SECRET"):
+            launcher.children.append(start_child("webhook sender", ["webhooks"], env))
+        else:
+            say("webhooks off (set PROMPTPIX_WEBHOOK_SECRET to send them)")
         serve = ["serve", "--host", args.host, "--port", str(args.port)]
         launcher.children.append(start_child("API", serve, env))
         if not launcher.wait_ready(base_url, args.ready_timeout):

@@ -35,6 +35,7 @@ from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
 from ..metrics import JOBS_SUBMITTED
 from ..modelsel import check_class_label, resolve_model
 from ..schemas import GenerationRequest, JobCreated, JobErrorOut, JobModel, JobView
+from ..webhook_policy import webhook_for, webhook_status
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def job_view(job: JobRecord, store: StoreDep) -> JobView:
         finished_at=iso(job.finished_at),
         images=[f"{PREFIX}/{job.id}/images/{n}.png" for n in range(n_images)],
         preview_url=f"{PREFIX}/{job.id}/preview.png" if job.has_preview else None,
-        error=error, user=job.user,
+        error=error, user=job.user, webhook=webhook_status(job),
     )
 
 
@@ -113,13 +114,14 @@ def submit(
                            "Idempotency-Key")
         body_hash = hashlib.sha256(canonical_json(requested).encode()).hexdigest()
         idem = (Keys.idempotency(principal.owner or "global", idempotency_key), body_hash)
+    webhook = webhook_for(body, settings)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
-    params = GenerationParams(**{**body.model_dump(), "seed": seed})
+    params = GenerationParams(**{**body.job_fields(), "seed": seed})
     retry_after = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
     try:
         # One Redis step: Idempotency-Key lookup, then MAX_QUEUE and the caller's cap.
         job_id, created = store.create_job(params, owner=principal.owner, idempotency=idem,
-                                           quota_who=principal.who)
+                                           quota_who=principal.who, webhook=webhook)
     except IdempotencyConflict as e:
         raise ApiError(409, "idempotency_conflict",
                        "this Idempotency-Key was used with a different body") from e

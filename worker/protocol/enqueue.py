@@ -37,6 +37,7 @@ class EnqueueOps(StoreBase):
         idempotency: tuple[str, str] | None = None,
         test_hooks: dict[str, Any] | None = None,
         quota_who: str = "",
+        webhook: tuple[str, list[str]] | None = None,
     ) -> tuple[str, bool]:
         """Admit and enqueue a job; return (job id, created).
 
@@ -48,7 +49,8 @@ class EnqueueOps(StoreBase):
         caller's key or address; '' = not capped), counting the jobs of every model. The
         RQ entry follows on the queue of `params.model` (None: this store's model, else
         the default or only registered one, else `ModelRequired`); if that write fails, the
-        admission is undone.
+        admission is undone. `webhook` = (URL, events) has the job's transitions append
+        those events (`WebhookEvent` values) to the webhook stream.
         """
         if params.model is None:  # the API always names it; `resolve_model` as it would
             model = self.model or self.resolve_model(None)["id"]  # type: ignore[attr-defined]
@@ -63,6 +65,8 @@ class EnqueueOps(StoreBase):
             rq_id=rq_job_id(job_id, 1), owner=owner, params=params_dict,
             created_at=time.time(), idem=idempotency[0] if idempotency else "",
             test_hooks=test_hooks or None, quota=quota_key,
+            webhook=webhook[0] if webhook else "",
+            webhook_events=tuple(webhook[1]) if webhook else (),
         ).new_hash()
         job_key = Keys.job(job_id)
         out = self._admit(

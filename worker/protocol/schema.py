@@ -80,6 +80,18 @@ class Admission(str, Enum):
     QUOTA_EXCEEDED = "quota_exceeded"  # PROMPTPIX_MAX_QUEUED_PER_KEY jobs of this caller wait
 
 
+class WebhookEvent(str, Enum):
+    """What a job's webhook may be told (`webhook_events_filter`); body `type` is
+    `generation.<value>`."""
+
+    START = "start"
+    PROGRESS = "progress"  # at most once a second
+    COMPLETED = "completed"  # succeeded, failed or canceled
+
+
+WEBHOOK_PROGRESS_INTERVAL_S = 1.0
+
+
 class JobErrorCode(str, Enum):
     """Why a job ended `failed` (only `worker_lost` is ever retried, by the reaper)."""
 
@@ -129,6 +141,10 @@ class Keys:
     # hash model id -> its facts (JSON), written when a worker first loads it; persistent
     # (no TTL), so jobs for a model without a live worker are accepted (scale to zero)
     models = f"{KEY_PREFIX}:models"
+    # stream of webhook events (job, type, at), appended by the transitions' scripts and
+    # read by `promptpix webhooks` with a consumer group; zset of deliveries to retry
+    webhook_events = f"{KEY_PREFIX}:webhooks"
+    webhook_retries = f"{KEY_PREFIX}:webhooks:retry"
 
     @staticmethod
     def job(job_id: str) -> str:

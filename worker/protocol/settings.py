@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     sync_timeout: float = Field(300.0, gt=0, le=3600)  # POST /v1/images/generations waits
     url_secret: SecretStr | None = None  # signs image URLs; unset = random per process
     url_ttl: int = Field(3600, ge=1, le=7 * 86400)  # seconds a signed image URL works
+    # --- webhooks (`promptpix webhooks`; issue 17 phase B)
+    # Standard Webhooks secret (whsec_<base64>); unset = a request with `webhook` is 422
+    webhook_secret: SecretStr | None = None
+    # where deliveries may go: "public" (global addresses only) and/or CIDRs, comma separated
+    webhook_allow: str = "public"
+    webhook_max_attempts: int = Field(10, ge=1, le=50)
+    webhook_timeout: float = Field(10.0, gt=0, le=60)  # seconds per delivery attempt
+    webhook_backoff_scale: float = Field(1.0, gt=0)  # multiplies the back-off (tests shorten)
     # --- client (`promptpix submit`)
     url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
@@ -130,6 +138,20 @@ class Settings(BaseSettings):
     def declared_models(self) -> list[str]:
         """`PROMPTPIX_MODELS` as a list of model ids."""
         return [x.strip() for x in self.models.split(",") if x.strip()]
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _webhook_allow(cls, v: str) -> str:
+        import ipaddress
+
+        for entry in (e.strip() for e in v.split(",")):
+            if entry and entry != "public":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError as e:
+                    raise ValueError(f"PROMPTPIX_WEBHOOK_ALLOW entry {entry!r} must be "
+                                     "'public' or a CIDR such as 127.0.0.0/8") from e
+        return v
 
     @field_validator("model_aliases")
     @classmethod

@@ -18,7 +18,8 @@ from rq.job import Job
 
 from .base import StoreBase, _s
 from .record import JobRecord
-from .schema import JobErrorCode, JobStatus, Keys, rq_job_id
+from .schema import JobErrorCode, JobStatus, Keys, WebhookEvent, rq_job_id
+from .scripts import WEBHOOK_STREAM_MAXLEN
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class TransitionOps(StoreBase):
         out = self._progress(
             keys=[Keys.job(job_id), Keys.preview(job_id)],
             args=[worker, str(attempt), repr(float(progress)), preview or b"",
-                  self.settings.result_ttl],
+                  self.settings.result_ttl, repr(time.time()), job_id],
         )
         return bool(out)
 
@@ -152,6 +153,11 @@ class TransitionOps(StoreBase):
                         pipe.expire(Keys.preview(job_id), ttl)
                         if job.idem:
                             pipe.expire(job.idem, ttl)
+                        if job.webhook and WebhookEvent.COMPLETED.value in job.webhook_events:
+                            pipe.xadd(Keys.webhook_events, {
+                                "job": job_id, "type": WebhookEvent.COMPLETED.value,
+                                "at": repr(time.time())},
+                                maxlen=WEBHOOK_STREAM_MAXLEN, approximate=True)
                         outcome = Requeue.FAILED
                     else:
                         new = attempt + 1
