@@ -71,7 +71,7 @@ class EnqueueOps(StoreBase):
         job_key = Keys.job(job_id)
         out = self._admit(
             keys=[idempotency[0] if idempotency else job_key, job_key, Keys.queued,
-                  quota_key or job_key],
+                  quota_key or job_key, Keys.owner_jobs(owner)],
             args=["1" if idempotency else "", idempotency[1] if idempotency else "", job_id,
                   repr(time.time()), ttl, self.settings.max_queue, cap,
                   *[x for kv in fields.items() for x in kv]],
@@ -97,6 +97,7 @@ class EnqueueOps(StoreBase):
             with contextlib.suppress(redis.RedisError), self.r.pipeline() as pipe:
                 pipe.delete(job_key)
                 pipe.zrem(Keys.queued, job_id)
+                pipe.zrem(Keys.owner_jobs(owner), job_id)
                 if quota_key:
                     pipe.zrem(quota_key, job_id)
                 if idempotency:
@@ -105,3 +106,45 @@ class EnqueueOps(StoreBase):
             raise
         logger.info("job %s queued (owner %s)", job_id, owner[:8] or "-")
         return job_id, True
+
+    def list_jobs(self, owner: str, limit: int, cursor: tuple[float, str] | None = None,
+                  status: str | None = None, scan: int = 1000,
+                  ) -> tuple[list[JobRecord], tuple[float, str] | None]:
+        """An owner's jobs, newest first: up to `limit` (with `status` only), after `cursor`
+        (the (created_at, id) of the last job of the previous page). Looks at no more than
+        `scan` entries per call, so a rare status cannot make one call read everything.
+        Returns the jobs and the cursor of the next page (None: no more)."""
+        key = Keys.owner_jobs(owner)
+        out: list[JobRecord] = []
+        top: float | str = "+inf" if cursor is None else cursor[0]
+        last: tuple[float, str] | None = cursor
+        looked = 0
+        while len(out) < limit and looked < scan:
+            batch = self.r.zrevrangebyscore(key, top, "-inf", start=0,
+                                            num=min(scan, 2 * limit + 10), withscores=True)
+            fresh = [((_s(m) or ""), float(sc)) for m, sc in batch]
+            if last is not None:  # equal times: members after the cursor's, in reverse order
+                fresh = [(m, sc) for m, sc in fresh
+                         if sc < last[0] or (sc == last[0] and m < last[1])]
+            if not fresh:
+                return out, None
+            with self.r.pipeline(transaction=False) as pipe:
+                for m, _ in fresh:
+                    pipe.hgetall(Keys.job(m))
+                raws = pipe.execute()
+            gone = []
+            for (m, sc), raw in zip(fresh, raws, strict=True):
+                looked += 1
+                last = (sc, m)
+                if not raw:
+                    gone.append(m)
+                    continue
+                job = JobRecord.from_hash(raw)
+                if status is None or job.status.value == status:
+                    out.append(job)
+                    if len(out) == limit:
+                        break
+            if gone:
+                self.r.zrem(key, *gone)
+            top = last[0]
+        return out, last

@@ -156,6 +156,12 @@ class Keys:
         return f"{KEY_PREFIX}:queued:{who}"
 
     @staticmethod
+    def owner_jobs(owner: str) -> str:
+        """zset job id -> creation time of one owner's jobs ('' = keys off: everyone's),
+        written at admission; entries of expired jobs are dropped as they are read."""
+        return f"{KEY_PREFIX}:owner:{owner or '-'}:jobs"
+
+    @staticmethod
     def image(job_id: str, n: int) -> str:
         return f"{KEY_PREFIX}:job:{job_id}:img:{n}"
 

@@ -173,8 +173,10 @@ return $T_OK
 # caller's cap, then the job hash. The RQ entry follows in the store's next step.
 # A count at its cap is checked again after dropping members that no longer wait (ended,
 # started or expired without passing through a transition that removes them).
+# The job joins its owner's index (newest-first listing), from which entries older than
+# the result TTL are trimmed.
 # KEYS: idem key (or the job key when there is none), job hash, queued zset, caller's zset
-# (or the job key when uncapped).
+# (or the job key when uncapped), owner's index.
 # ARGV: idem? ('1'/''), body hash, job id, now, ttl, max queue, caller cap (0 = none),
 #       then the job hash's fields and values.
 ADMIT = _lua("""
@@ -206,6 +208,9 @@ for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[2], unpack(fields))
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(ARGV[4]) - tonumber(ARGV[5]))
+redis.call('EXPIRE', KEYS[5], ARGV[5])
 if cap > 0 then
   redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
   redis.call('EXPIRE', KEYS[4], ARGV[5])
