@@ -9,11 +9,12 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "up": ("app.launcher", "main", "start redis, a worker and the API locally (Ctrl-C stops all)"),
     "serve": ("app.serve", "main", "run the HTTP API (uvicorn)"),
-    "worker": ("worker.runtime", "main", "run a GPU/CPU worker serving the generate queue"),
+    "worker": ("worker.runtime", "main", "run a GPU/CPU worker serving its model's queue"),
     "train": ("training.cli", "train_main", "train a text-conditioned model"),
     "generate": ("training.cli", "generate_main", "sample PNGs from a checkpoint locally"),
     "eval": ("training.evaluate", "main", "bits/dim and prompt alignment of a checkpoint"),
     "submit": ("app.client", "main", "submit a prompt to a running server and fetch PNGs"),
+    "webhooks": ("app.webhook_sender", "main", "deliver job events to their webhooks (signed)"),
 }
 
 

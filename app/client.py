@@ -52,7 +52,8 @@ def error_message(resp: httpx.Response) -> str:
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
     """The POST /v1/generations body: only what the user set, so the server's defaults hold."""
     body: dict[str, Any] = {"prompt": args.prompt, "num_images": args.num_images}
-    for field in ("temperature", "top_k", "top_p", "guidance_scale", "seed", "class_label"):
+    for field in ("model", "temperature", "top_k", "top_p", "guidance_scale", "seed",
+                  "class_label"):
         value = getattr(args, field)
         if value is not None:
             body[field] = value
@@ -175,6 +176,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("prompt", help="the text to draw")
     p.add_argument("--num-images", "-n", type=int, default=1, help="images to make (default 1)")
+    p.add_argument("--model", "-m", help="model id (GET /v1/models; default: the server's)")
     p.add_argument("--seed", type=int, help="random seed (default: the server draws one)")
     p.add_argument("--temperature", type=float, help="sampling temperature in (0, 2]")
     p.add_argument("--top-k", type=int, help="keep the k likeliest values (0 = off)")

@@ -1,13 +1,14 @@
 """`promptpix up`: the whole service on one machine, in one command.
 
-Starts a private `redis-server` (unless PROMPTPIX_REDIS_URL names one), one or more worker
-processes holding the checkpoint, and the API; waits until `/readyz` says the service is
+Starts a private `redis-server` (unless PROMPTPIX_REDIS_URL names one), worker processes
+for each model (every checkpoint in checkpoints/demo/, or each --checkpoint given), and the
+API; waits until `/readyz` says the service is
 ready, prints where to go, and on Ctrl-C / SIGTERM stops everything it started.
 
 Each child runs in its own session (so its process group holds it and anything it forks)
 and gets SIGTERM if the launcher dies; stopping signals the whole group, waits, escalates
 to SIGKILL, and sweeps the group before reaping its leader, so nothing is left behind.
-Only the standard library is used here: the launcher itself never imports the model.
+The launcher itself never imports the model (nor torch).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from pathlib import Path
 
 from app.redis_server import RedisServer
 
-DEMO_CHECKPOINT = Path("checkpoints") / "demo" / "shapes16.pth"
+DEMO_DIR = Path("checkpoints") / "demo"
+DEMO_CHECKPOINT = DEMO_DIR / "shapes16.pth"
+DEMO_DEFAULT_MODEL = "shapes16"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPT = "a large red circle in the center on a white background"
 READY_TIMEOUT_S = 300.0
@@ -54,6 +57,7 @@ class Child:
 
     name: str
     proc: subprocess.Popen[bytes]
+    optional: bool = False  # a demo model's worker: its exit leaves the others serving
 
 
 def say(msg: str) -> None:
@@ -63,17 +67,25 @@ def say(msg: str) -> None:
         print(f"promptpix up: {msg}", flush=True)
 
 
-def resolve_checkpoint(explicit: str | None) -> Path:
-    """The checkpoint to serve: --checkpoint, else PROMPTPIX_CHECKPOINT, else the demo model."""
-    chosen = explicit or os.environ.get("PROMPTPIX_CHECKPOINT")
+def resolve_checkpoints(explicit: list[str] | None) -> tuple[list[Path], bool]:
+    """The checkpoints to serve, and whether they are the shipped demo models.
+
+    Each --checkpoint given, else PROMPTPIX_CHECKPOINT, else every `*.pth` in
+    checkpoints/demo/ (from the current folder, else the repository's)."""
+    chosen = explicit or ([os.environ["PROMPTPIX_CHECKPOINT"]]
+                          if os.environ.get("PROMPTPIX_CHECKPOINT") else [])
     if chosen:
-        path = Path(chosen).expanduser()
-        if not path.is_file():
-            raise LaunchError(f"checkpoint not found: {path}")
-        return path.resolve()
-    for candidate in (Path.cwd() / DEMO_CHECKPOINT, REPO_ROOT / DEMO_CHECKPOINT):
-        if candidate.is_file():
-            return candidate.resolve()
+        paths = []
+        for c in chosen:
+            path = Path(c).expanduser()
+            if not path.is_file():
+                raise LaunchError(f"checkpoint not found: {path}")
+            paths.append(path.resolve())
+        return paths, False
+    for folder in (Path.cwd() / DEMO_DIR, REPO_ROOT / DEMO_DIR):
+        found = sorted(p.resolve() for p in folder.glob("*.pth") if p.is_file())
+        if found:
+            return found, True
     raise LaunchError(
         f"no checkpoint at {DEMO_CHECKPOINT} (the shipped demo model) nor at "
         f"{REPO_ROOT / DEMO_CHECKPOINT}.\n"
@@ -82,6 +94,23 @@ def resolve_checkpoint(explicit: str | None) -> Path:
         "--checkpoint_dir checkpoints_llm\n"
         "  PROMPTPIX_CHECKPOINT=checkpoints_llm/best_model.pth promptpix up"
     )
+
+
+def model_names(checkpoints: list[Path], env: dict[str, str]) -> list[str]:
+    """The model id each checkpoint is served under; LaunchError when two would share one
+    (their workers would refuse to start)."""
+    from worker.protocol.settings import model_name_for
+
+    if len(checkpoints) > 1 and env.get("PROMPTPIX_MODEL_NAME"):
+        raise LaunchError("PROMPTPIX_MODEL_NAME names one model; unset it to serve several "
+                          "checkpoints (each is named by its file stem)")
+    names = [model_name_for(c, env.get("PROMPTPIX_MODEL_NAME")) for c in checkpoints]
+    for name in set(names):
+        if names.count(name) > 1:
+            same = [str(c) for c, n in zip(checkpoints, names, strict=True) if n == name]
+            raise LaunchError(f"these checkpoints would all be model {name!r}: "
+                              f"{', '.join(same)}; rename the files")
+    return names
 
 
 def ensure_port_free(host: str, port: int) -> None:
@@ -243,10 +272,17 @@ class Launcher:
         self.stop.set()
 
     def check_children(self) -> None:
-        for child in self.children:
+        for child in list(self.children):
             code = child.proc.poll()
-            if code is not None:
-                raise LaunchError(f"the {child.name} exited with status {code} (see its log above)")
+            if code is None:
+                continue
+            if child.optional and any(c.optional and c.proc.poll() is None
+                                      for c in self.children):
+                say(f"the {child.name} exited with status {code} (see its log above); "
+                    "serving the other models")
+                self.children.remove(child)
+                continue
+            raise LaunchError(f"the {child.name} exited with status {code} (see its log above)")
 
     def wait_ready(self, base_url: str, timeout: float) -> bool:
         """Poll /readyz until 200, showing why not; False if stopped by a signal first."""
@@ -286,10 +322,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="API address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
     p.add_argument(
-        "--checkpoint",
-        help=f"model to serve (default: $PROMPTPIX_CHECKPOINT, else {DEMO_CHECKPOINT})",
+        "--checkpoint", action="append",
+        help="a model to serve; repeat for several (default: $PROMPTPIX_CHECKPOINT, else "
+             f"every checkpoint in {DEMO_DIR}/)",
     )
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes per model (default 1)")
     p.add_argument(
         "--ready-timeout", type=float, default=READY_TIMEOUT_S,
         help=f"seconds to wait for /readyz (default {READY_TIMEOUT_S:.0f})",
@@ -316,7 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     base_url = f"http://{connect_host}:{args.port}"
     try:
-        env["PROMPTPIX_CHECKPOINT"] = str(resolve_checkpoint(args.checkpoint))
+        checkpoints, demo = resolve_checkpoints(args.checkpoint)
+        names = model_names(checkpoints, env)
+        if not env.get("PROMPTPIX_DEFAULT_MODEL"):
+            env["PROMPTPIX_DEFAULT_MODEL"] = (DEMO_DEFAULT_MODEL if DEMO_DEFAULT_MODEL in names
+                                              else names[0])
+        if not demo:  # accepted at once; a demo model whose worker cannot start is not
+            env["PROMPTPIX_MODELS"] = ",".join(
+                x for x in [env.get("PROMPTPIX_MODELS", ""), *names] if x)
         ensure_port_free(args.host, args.port)
         if env.get("PROMPTPIX_REDIS_URL"):
             say(f"using Redis at {env['PROMPTPIX_REDIS_URL'].split('@')[-1]}")
@@ -330,10 +375,18 @@ def main(argv: list[str] | None = None) -> int:
             say(f"started a private redis-server on {launcher.redis.safe_url} (password set)")
         if launcher.stop.is_set():  # Ctrl-C while Redis started
             return 0
-        say(f"serving {env['PROMPTPIX_CHECKPOINT']}")
-        for i in range(args.workers):
-            name = "worker" if args.workers == 1 else f"worker {i + 1}"
-            launcher.children.append(start_child(name, ["worker"], env))
+        for checkpoint, model in zip(checkpoints, names, strict=True):
+            say(f"serving {checkpoint} as model {model}")
+            worker_env = dict(env, PROMPTPIX_CHECKPOINT=str(checkpoint))
+            for i in range(args.workers):
+                name = f"worker of {model}" + ("" if args.workers == 1 else f" ({i + 1})")
+                child = start_child(name, ["worker"], worker_env)
+                child.optional = demo and len(checkpoints) > 1
+                launcher.children.append(child)
+        if env.get("PROMPTPIX_WEBHOOK_SECRET"):
+            launcher.children.append(start_child("webhook sender", ["webhooks"], env))
+        else:
+            say("webhooks off (set PROMPTPIX_WEBHOOK_SECRET to send them)")
         serve = ["serve", "--host", args.host, "--port", str(args.port)]
         launcher.children.append(start_child("API", serve, env))
         if not launcher.wait_ready(base_url, args.ready_timeout):

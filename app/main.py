@@ -20,7 +20,7 @@ from .errors import install_error_handlers
 from .jobwatch import close_async_redis
 from .metrics import MetricsMiddleware
 from .middleware import BodyLimitMiddleware, HostCheckMiddleware, SecurityHeadersMiddleware
-from .routes import docs, events, generations, models, openai_images, service, web
+from .routes import docs, events, generations, listing, models, openai_images, service, web
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limiters = Limiters.for_store(store)
     install_error_handlers(app)
     app.include_router(generations.router)
+    app.include_router(listing.router)
     app.include_router(models.router)
     app.include_router(openai_images.router)
     app.include_router(events.router)

@@ -25,6 +25,16 @@ class GenerationRequest(SamplingParams):
     )
 
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="null = drawn and returned")
+    webhook: str | None = Field(None, max_length=2048, description=(
+        "URL told of this job's events by signed POSTs (Standard Webhooks); needs "
+        "PROMPTPIX_WEBHOOK_SECRET on the server, and an address PROMPTPIX_WEBHOOK_ALLOW allows"))
+    webhook_events_filter: list[Literal["start", "progress", "completed"]] | None = Field(
+        None, min_length=1, description="events to send (default: all three); progress at "
+                                        "most once a second")
+
+    def job_fields(self) -> dict[str, object]:
+        """The fields stored as the job's parameters (the webhook is kept beside them)."""
+        return self.model_dump(exclude={"webhook", "webhook_events_filter"})
 
 
 class JobCreated(BaseModel):
@@ -52,6 +62,15 @@ class JobErrorOut(BaseModel):
     message: str
 
 
+class WebhookStatus(BaseModel):
+    """How delivering a job's webhook events went."""
+
+    delivered: bool = Field(description="the last event sent was accepted (2xx)")
+    attempts: int = Field(description="delivery attempts so far, all events")
+    last_status: int | None = Field(description="HTTP status of the last attempt (null: "
+                                                "none yet, or no answer)")
+
+
 class JobView(BaseModel):
     """`GET /v1/generations/{id}`."""
 
@@ -70,10 +89,12 @@ class JobView(BaseModel):
     preview_url: str | None
     error: JobErrorOut | None
     user: str | None = Field(None, description="the `user` label of an OpenAI-API request")
+    webhook: WebhookStatus | None = Field(None, description="null: the job has no webhook")
 
 
 class ModelInfo(BaseModel):
-    """A checkpoint that a live worker serves, as an OpenAI model object plus our facts."""
+    """A registered model, as an OpenAI model object plus our facts (null size, channels
+    and parameters for a model PROMPTPIX_MODELS declares that no worker has loaded yet)."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -82,10 +103,10 @@ class ModelInfo(BaseModel):
     created: int = Field(0, description="unix time the checkpoint records, else 0")
     owned_by: str = "promptpix"
     checksum: str = Field("", description="content hash of the weights (the old `id`)")
-    image_size: int
-    channels: int
+    image_size: int | None = None
+    channels: int | None = None
     num_classes: int = 0
-    parameters: int
+    parameters: int | None = None
     dataset: str | None = None
     steps: int | None = None
     val_bpd: float | None = None

@@ -1,4 +1,5 @@
-"""`promptpix worker`: load the checkpoint once, then serve the `generate` queue.
+"""`promptpix worker`: load the checkpoint once, register its model, then serve that
+model's queue (`generate:<model>`) only.
 
 A non-forking RQ worker (CUDA cannot be used in a forked child), plus two daemon threads:
 the heartbeat (the worker's liveness key, its model, its current job) and the reaper.
@@ -121,9 +122,10 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
 
     from . import jobs, metrics, rq_guard
     from .protocol import (
-        QUEUE_NAME,
         JobStore,
+        ModelConflict,
         Periodic,
+        queue_name,
         redis_connection,
         start_reaper,
         storage_full,
@@ -139,7 +141,7 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
     metrics.MODEL_LOADED.labels(info["id"]).set(1)
 
     name = args.name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    store = JobStore(redis_connection(settings), settings)
+    store = JobStore(redis_connection(settings), settings, model=info["id"])
     ctx = jobs.WorkerContext(store=store, settings=settings, model=model, model_info=info,
                              worker_name=name, decoder=decoder)
     jobs.set_context(ctx)
@@ -154,8 +156,11 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
 
     while True:  # wait for Redis rather than die: workers may start before it
         try:
+            store.register_model(info)
             beat()
             break
+        except ModelConflict as e:
+            return _fail(str(e))
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:
             if isinstance(e, redis.ResponseError) and not storage_full(e):
                 raise
@@ -197,7 +202,8 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
                             settings.shutdown_grace)
             super().request_stop(signum, frame)
 
-    logger.info("worker %s serving queue %r (model %s)", name, QUEUE_NAME, info["id"])
+    queue = queue_name(info["id"])
+    logger.info("worker %s serving queue %r (model %s)", name, queue, info["id"])
     rounds = 0
     was_full = False
     try:
@@ -207,7 +213,7 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
             # stays loaded: wait for Redis and serve again in this process. A fresh RQ name
             # per round, because the crashed round could not register its death.
             rq_name = name if rounds == 0 else f"{name}-r{rounds}"
-            worker = PromptPixWorker([QUEUE_NAME], name=rq_name, serializer=JSONSerializer,
+            worker = PromptPixWorker([queue], name=rq_name, serializer=JSONSerializer,
                                      connection=redis_connection(settings, blocking=True))
             try:
                 worker.work(burst=args.burst, logging_level=args.log_level.upper())

@@ -33,7 +33,9 @@ from ..deps import (
 )
 from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
 from ..metrics import JOBS_SUBMITTED
+from ..modelsel import check_class_label, resolve_model
 from ..schemas import GenerationRequest, JobCreated, JobErrorOut, JobModel, JobView
+from ..webhook_policy import webhook_for, webhook_status
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def job_view(job: JobRecord, store: StoreDep) -> JobView:
     state = job.status
     params = dict(job.params)
     prompt = params.pop("prompt")
-    position = store.queue_position(job.rq_id) if state is JobStatus.QUEUED else None
+    position = store.queue_position(job) if state is JobStatus.QUEUED else None
     if state is JobStatus.QUEUED and position is None:
         position = 0  # just taken by a worker, not yet marked running
     n_images = job.images if state is JobStatus.SUCCEEDED else 0
@@ -71,24 +73,23 @@ def job_view(job: JobRecord, store: StoreDep) -> JobView:
         finished_at=iso(job.finished_at),
         images=[f"{PREFIX}/{job.id}/images/{n}.png" for n in range(n_images)],
         preview_url=f"{PREFIX}/{job.id}/preview.png" if job.has_preview else None,
-        error=error, user=job.user,
+        error=error, user=job.user, webhook=webhook_status(job),
     )
 
 
-def _check_limits(body: GenerationRequest, settings: SettingsDep, store: StoreDep) -> None:
+def _check_limits(body: GenerationRequest, settings: SettingsDep,
+                  store: StoreDep) -> GenerationRequest:
+    """Check the request against the settings and its model's facts; return it with its
+    model resolved (aliases, the default)."""
     if len(body.prompt) > settings.max_prompt_chars:
         raise ApiError(422, "invalid_request",
                        f"prompt is longer than {settings.max_prompt_chars} characters", "prompt")
     if body.num_images > settings.max_images:
         raise ApiError(422, "invalid_request",
                        f"num_images must be at most {settings.max_images}", "num_images")
-    if body.class_label is not None:
-        served = store.models()
-        if served and not any(body.class_label < int(m.get("num_classes") or 0) for m in served):
-            classes = max(int(m.get("num_classes") or 0) for m in served)
-            raise ApiError(422, "invalid_request",
-                           f"class_label {body.class_label} is not a class of the served model "
-                           f"({classes} classes)", "class_label")
+    model = resolve_model(store, body.model)
+    check_class_label(model, body.class_label)
+    return body.model_copy(update={"model": model["id"]})
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated,
@@ -103,22 +104,24 @@ def submit(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobCreated:
     """Queue a generation job; poll `status_url` for progress and images."""
-    _check_limits(body, settings, store)
+    requested = body.model_dump()
+    body = _check_limits(body, settings, store)
     idem = None
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
             raise ApiError(422, "invalid_request",
                            f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters",
                            "Idempotency-Key")
-        body_hash = hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest()
+        body_hash = hashlib.sha256(canonical_json(requested).encode()).hexdigest()
         idem = (Keys.idempotency(principal.owner or "global", idempotency_key), body_hash)
+    webhook = webhook_for(body, settings)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
-    params = GenerationParams(**{**body.model_dump(), "seed": seed})
+    params = GenerationParams(**{**body.job_fields(), "seed": seed})
     retry_after = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
     try:
         # One Redis step: Idempotency-Key lookup, then MAX_QUEUE and the caller's cap.
         job_id, created = store.create_job(params, owner=principal.owner, idempotency=idem,
-                                           quota_who=principal.who)
+                                           quota_who=principal.who, webhook=webhook)
     except IdempotencyConflict as e:
         raise ApiError(409, "idempotency_conflict",
                        "this Idempotency-Key was used with a different body") from e

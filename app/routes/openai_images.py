@@ -39,6 +39,7 @@ from ..jobwatch import (
     set_label,
     url_secret,
 )
+from ..modelsel import resolve_model
 from ..openai_compat import (
     ImageGenerationRequest,
     OpenAIErrorResponse,
@@ -68,27 +69,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, responses=_ERRORS)
 
 
-def _resolve_model(body: ImageGenerationRequest, settings: Settings,
-                   models: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The live model the request names (after aliases), or the served one; None when no
-    worker has published a model yet (nothing to check against)."""
-    if not models:
-        return None
-    if body.model is None:
-        return models[0]
-    name = settings.alias_map.get(body.model, body.model)
-    for m in models:
-        if name in (m["id"], m.get("checksum")):
-            return m
-    known = ", ".join(sorted(m["id"] for m in models))
-    aliases = ", ".join(f"{k}={v}" for k, v in sorted(settings.alias_map.items()))
-    raise ApiError(404, "model_not_found",
-                   f"model {body.model!r} is not served here; models: {known}"
-                   + (f" (aliases: {aliases})" if aliases else ""), "model")
-
-
-def _generation_request(body: ImageGenerationRequest) -> GenerationRequest:
-    fields = {"prompt": body.prompt, "num_images": body.n, "seed": body.seed}
+def _generation_request(body: ImageGenerationRequest, model: str) -> GenerationRequest:
+    fields = {"prompt": body.prompt, "num_images": body.n, "seed": body.seed, "model": model}
     for name in ("guidance_scale", "temperature", "top_k", "top_p", "class_label"):
         value = getattr(body, name)
         if value is not None:
@@ -182,13 +164,13 @@ async def generate_images(body: ImageGenerationRequest, request: Request,
         side = imaging.parse_size(body.size)
     except imaging.SizeError as e:
         raise ApiError(400, "invalid_size", str(e), "size") from e
-    model = _resolve_model(body, settings, await run_in_threadpool(store.models))
-    if model is not None:  # check the size before queueing (unknown model: when it ends)
+    model = await run_in_threadpool(resolve_model, store, body.model, 400)
+    if "image_size" in model:  # check the size before queueing (unknown model: when it ends)
         try:
             imaging.scale_for(side, int(model["image_size"]))
         except imaging.SizeError as e:
             raise ApiError(400, "invalid_size", str(e), "size") from e
-    created = await run_in_threadpool(submit, _generation_request(body), Response(),
+    created = await run_in_threadpool(submit, _generation_request(body, model["id"]), Response(),
                                       principal, store, settings, None)
     if body.user:
         await set_label(request_redis(request), created.id, "user", body.user)

@@ -24,10 +24,16 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=Readiness,
             responses={503: {"model": ErrorResponse, "description": "not ready, with the reason"}})
-def readyz(store: StoreDep) -> Readiness | JSONResponse:
-    """200 when Redis answers and a worker with a loaded model has a live heartbeat."""
+def readyz(request: Request, store: StoreDep) -> Readiness | JSONResponse:
+    """200 when Redis answers and a worker with a loaded model has a live heartbeat.
+    `?scope=api`: 200 whenever Redis answers (for load balancers and probes of the API
+    itself, which must not depend on workers)."""
     headers = {"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
     store.r.ping()  # a Redis error becomes 503 `unavailable` in the error handlers
+    if request.query_params.get("scope") == "api":
+        return Readiness(status="ready", workers=sum(1 for w in store.live_workers()
+                                                     if w.get("model_id")),
+                         queue_depth=store.queue_depth())
     workers = [w for w in store.live_workers() if w.get("model_id")]
     if not workers:
         return error_response(503, "unavailable",

@@ -85,12 +85,12 @@ function requestSlot(urgent) {
 }
 
 /** fetch() with the API key, no HTTP cache, and an ApiError for anything but 2xx. */
-export async function request(path, { method = "GET", body } = {}) {
+export async function request(path, { method = "GET", body, signal } = {}) {
   await requestSlot(method !== "GET");
   const headers = {};
   const key = getApiKey();
   if (key) headers.Authorization = `Bearer ${key}`;
-  const init = { method, headers, cache: "no-store" };
+  const init = { method, headers, cache: "no-store", signal };
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -120,6 +120,12 @@ export async function submitJob(params) {
 
 export async function jobStatus(id) {
   return (await request(jobPath(id))).json();
+}
+
+/** The multiplexed event stream of several jobs (a streaming Response; read its body). */
+export async function openEvents(ids, signal) {
+  const query = ids.map(encodeURIComponent).join(",");
+  return request(`/v1/events?ids=${query}`, { signal });
 }
 
 export async function cancelJob(id) {

@@ -195,15 +195,37 @@ function showExamples(models) {
   $("examples").hidden = prompts.length === 0;
 }
 
+let servedModels = [];
+
+/** The picked model's facts, examples and default guidance (the first when none is picked). */
+function showPickedModel() {
+  const picked = servedModels.find((m) => m.id === $("model").value) || servedModels[0];
+  if (!picked) return;
+  $("model-info").textContent = describeModel(picked) +
+    (picked.workers === 0 ? " (no worker running: jobs wait for one)" : "");
+  const guidance = picked.default_guidance_scale;
+  $("guidance_scale").placeholder = guidance == null ? "model default" : `default: ${guidance}`;
+  showExamples([picked]);
+}
+
 function showModels(models) {
+  servedModels = models;
   if (models.length === 0) {
     $("model-info").textContent = "No model is being served yet.";
+    $("model-field").hidden = true;
     return;
   }
-  $("model-info").textContent = models.map(describeModel).join("; ");
-  const guidance = models[0].default_guidance_scale;
-  $("guidance_scale").placeholder = guidance == null ? "model default" : `default: ${guidance}`;
-  showExamples(models);
+  const picker = $("model");
+  const before = picker.value;
+  picker.replaceChildren(...models.map((m) => {
+    const option = document.createElement("option");
+    option.value = String(m.id);
+    option.textContent = m.workers === 0 ? `${m.id} (no worker yet)` : String(m.id);
+    return option;
+  }));
+  if (models.some((m) => m.id === before)) picker.value = before;
+  $("model-field").hidden = models.length < 2;
+  showPickedModel();
 }
 
 async function loadModels() {
@@ -249,6 +271,7 @@ function saveKey() {
 }
 
 function bindEvents() {
+  $("model").addEventListener("change", showPickedModel);
   $("generate-form").addEventListener("submit", onSubmit);
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {

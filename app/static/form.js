@@ -53,7 +53,9 @@ function readSeed() {
 
 /** The POST /v1/generations body; throws FieldError for text that is not a number. */
 export function readForm() {
+  const model = input("model").value;
   return {
+    ...(model ? { model } : {}), // the picker's choice (empty: the server's default)
     prompt: input("prompt").value,
     num_images: readNumber("num_images", { integer: true }),
     temperature: readNumber("temperature"),
@@ -67,6 +69,11 @@ export function readForm() {
 /** Put a job's prompt and parameters back in the form (for "same seed" / "new seed"). */
 export function fillForm(params) {
   if (typeof params.prompt === "string") input("prompt").value = params.prompt;
+  const picker = input("model");
+  if (typeof params.model === "string" && [...picker.options].some((o) => o.value === params.model)) {
+    picker.value = params.model;
+    picker.dispatchEvent(new Event("change"));
+  }
   for (const name of PARAM_FIELDS) {
     if (name in params) input(name).value = params[name] == null ? "" : String(params[name]);
   }
@@ -76,7 +83,7 @@ export function fillForm(params) {
 export function fieldFromPath(path) {
   if (!path) return null;
   const parts = String(path).split(".").reverse();
-  return parts.find((part) => part === "prompt" || PARAM_FIELDS.includes(part)) || null;
+  return parts.find((part) => part === "prompt" || part === "model" || PARAM_FIELDS.includes(part)) || null;
 }
 
 export function labelOf(name) {

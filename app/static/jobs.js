@@ -1,17 +1,17 @@
-// One card per job: polls its status, shows queue position, progress, the live preview,
-// then the final PNGs; keeps this browser's recent jobs in localStorage.
+// One card per job: follows its live events (events.js: one stream for all the page's
+// jobs), shows status, progress, the live preview, then the final PNGs; keeps this
+// browser's recent jobs in localStorage.
 
 import { cancelJob, fetchImage, jobStatus } from "./api.js";
+import { EventFeed } from "./events.js";
 import { PARAM_FIELDS } from "./form.js";
 
 const HISTORY_KEY = "promptpix.jobs";
 const HISTORY_LIMIT = 20;
 const FINAL = new Set(["succeeded", "failed", "canceled", "expired"]);
-// Polls back off while a job waits, and the preview (a second request) is fetched at most
-// once a second and only when the progress moved: with api.js's request budget, a page
-// following many jobs stays well under the server's rate limit.
-const POLL_MS = { running: 500, queued: 2000, hidden: 4000, error: 2000 };
-const QUEUED_BACKOFF_MAX_MS = 5000; // a job long in the queue is asked about less often
+// The preview (a request of its own) is fetched at most once a second per job and only when
+// the progress moved: with api.js's request budget, a page following many jobs stays well
+// under the server's rate limit.
 const PREVIEW_MIN_MS = 1000;
 const DISPLAY_PX = 128; // images are enlarged by a whole factor to about this many pixels
 
@@ -96,12 +96,9 @@ class Job {
   constructor(record, hooks) {
     this.record = record;
     this.hooks = hooks;
-    this.timer = null;
-    this.polling = false;
     this.removed = false;
     this.previewProgress = null; // progress of the preview on screen
     this.previewAt = 0; // when it was last fetched (performance.now())
-    this.queuedPolls = 0; // polls in a row that found it queued
     this.imagesShown = false;
     this.imageUrls = [];
     this.card = this.build();
@@ -207,6 +204,16 @@ class Job {
   async apply(data) {
     // An answer that left the server before a cancel's must not bring the job back.
     if (this.final && !FINAL.has(data.status)) return;
+    // Events and a GET may cross: progress never goes back within one attempt.
+    const attempt = data.attempt ?? this.attempt;
+    if (attempt !== this.attempt) {
+      this.attempt = attempt;
+      this.progressSeen = 0;
+    }
+    if (data.status === "running") {
+      data = { ...data, progress: Math.max(data.progress || 0, this.progressSeen || 0) };
+      this.progressSeen = data.progress;
+    }
     if (data.params) this.record.params = { ...this.record.params, ...data.params };
     this.setStatus(data.status);
     this.render(data);
@@ -220,7 +227,7 @@ class Job {
     if (data.status === "succeeded") this.el.preview.hidden = true;
   }
 
-  /** The preview is a nicety: a failed fetch is retried at the next poll, not reported. */
+  /** The preview is a nicety: a failed fetch is retried at the next progress event, not reported. */
   async refreshPreview(data) {
     this.previewAt = performance.now();
     let strip;
@@ -266,48 +273,25 @@ class Job {
     return item;
   }
 
-  /** Poll until done; a 404 means it expired (or belongs to another key). */
-  async poll() {
-    clearTimeout(this.timer);
-    if (this.polling) return; // the answer on its way schedules the next poll
-    this.polling = true;
-    let delay;
+  /** One GET of the job (when its event stream cannot say): a 404 means it expired. */
+  async refreshOnce() {
     try {
-      const data = await jobStatus(this.id);
-      await this.apply(data);
-      delay = this.nextDelay(data.status);
+      await this.apply(await jobStatus(this.id));
     } catch (error) {
-      delay = this.pollFailed(error);
-    } finally {
-      this.polling = false;
-    }
-    if (!this.done && !this.removed) {
-      if (document.hidden) delay = Math.max(delay, POLL_MS.hidden);
-      this.timer = setTimeout(() => this.poll(), delay);
+      if (error.status === 404) {
+        this.setStatus("expired");
+        this.render({ status: "expired", images: [] });
+      } else {
+        this.showUpdateFailed(error);
+      }
     }
   }
 
-  /** Milliseconds to the next poll: a queued job backs off, up to QUEUED_BACKOFF_MAX_MS. */
-  nextDelay(status) {
-    if (status !== "queued") {
-      this.queuedPolls = 0;
-      return POLL_MS[status] || POLL_MS.error;
-    }
-    this.queuedPolls += 1;
-    return Math.min(QUEUED_BACKOFF_MAX_MS, POLL_MS.queued * 1.25 ** (this.queuedPolls - 1));
-  }
-
-  /** Show a failed poll in the card; returns the delay before the next try. */
-  pollFailed(error) {
-    if (error.status === 404) {
-      this.setStatus("expired");
-      this.render({ status: "expired", images: [] });
-      return 0;
-    }
-    if (error.status === 401) this.hooks.onAuthNeeded();
+  /** Say in the card that following the job failed (the feed tries again). */
+  showUpdateFailed(error) {
+    if (this.done) return;
     const last = statusText({ status: this.record.status, images: [] });
     this.el.status.textContent = `${last} (update failed: ${error.message})`;
-    return (error.retryAfter ?? 0) * 1000 || POLL_MS.error;
   }
 
   async cancel() {
@@ -315,9 +299,9 @@ class Job {
     try {
       await this.apply(await cancelJob(this.id));
     } catch (error) {
-      // 409 not_cancelable: it finished first; the next poll shows how.
+      // 409 not_cancelable: it finished first; its events show how.
       this.renderError({ message: error.message, code: error.code });
-      this.poll();
+      this.refreshOnce();
     } finally {
       this.el.cancel.disabled = false;
     }
@@ -325,7 +309,6 @@ class Job {
 
   dispose() {
     this.removed = true;
-    clearTimeout(this.timer);
     for (const url of this.imageUrls) URL.revokeObjectURL(url);
     this.el.node.remove();
   }
@@ -343,6 +326,7 @@ export class JobList {
       onAuthNeeded,
       onRemove: (job) => this.remove(job),
     };
+    this.feed = new EventFeed(() => this.jobs.filter((j) => !j.done && !j.removed));
   }
 
   restore() {
@@ -356,7 +340,7 @@ export class JobList {
     this.listEl.prepend(job.card);
     for (const old of this.jobs.slice(HISTORY_LIMIT)) this.remove(old);
     this.save();
-    if (job.record.status !== "expired") job.poll();
+    if (job.record.status !== "expired") this.feed.refresh();
     return job;
   }
 
@@ -364,15 +348,16 @@ export class JobList {
     job.dispose();
     this.jobs = this.jobs.filter((j) => j !== job);
     this.save();
+    this.feed.refresh();
   }
 
   clearFinished() {
     for (const job of this.jobs.filter((j) => j.final)) this.remove(job);
   }
 
-  /** Poll again the jobs that stopped on an error (after a new API key, say). */
+  /** Follow again the jobs that stopped on an error (after a new API key, say). */
   resume() {
-    for (const job of this.jobs) if (!job.done) job.poll();
+    this.feed.restart(true);
   }
 
   save() {

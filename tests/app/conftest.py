@@ -17,10 +17,12 @@ VALID = {"prompt": "a large red circle in the top left on a white background", "
 
 @pytest.fixture
 def make_client(redis_url: str) -> Iterator[Callable[..., TestClient]]:
-    """Build a TestClient for an app with `Settings(redis_url=..., **overrides)`."""
+    """Build a TestClient for an app with `Settings(redis_url=..., **overrides)`; the model
+    `tiny` is declared (PROMPTPIX_MODELS) unless overridden, so jobs are accepted without a
+    worker."""
     with ExitStack() as stack:
         def make(**overrides: Any) -> TestClient:
-            settings = Settings(redis_url=redis_url, **overrides)
+            settings = Settings(redis_url=redis_url, **{"models": "tiny", **overrides})
             return stack.enter_context(TestClient(create_app(settings)))
 
         yield make

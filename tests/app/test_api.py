@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from app.redis_server import RedisServer, free_port
 from tests.app.conftest import VALID
 from tests.app.test_validation import error_of
-from worker.protocol import QUEUE_NAME, Keys
+from worker.protocol import Keys, queue_name
 
 URL = "/v1/generations"
 KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"
@@ -62,7 +62,7 @@ def test_cancel_queued(client: TestClient, redis_url: str) -> None:
     r = client.delete(job["status_url"])
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     assert r.json()["finished_at"] is not None
-    assert redis.Redis.from_url(redis_url).llen(f"rq:queue:{QUEUE_NAME}") == 0
+    assert redis.Redis.from_url(redis_url).llen(f"rq:queue:{queue_name('tiny')}") == 0
     error_of(client.delete(job["status_url"]), 409, "not_cancelable")
     assert client.get(job["status_url"]).json()["status"] == "canceled"
 
@@ -131,7 +131,12 @@ def test_readyz_without_worker(client: TestClient) -> None:
     r = client.get("/readyz")
     err = error_of(r, 503, "unavailable")
     assert "worker" in err["message"] and r.headers["retry-after"]
-    assert client.get("/v1/models").json() == {"object": "list", "data": []}
+    # The API itself is ready whenever Redis answers (its own probes must not need workers).
+    assert client.get("/readyz?scope=api").json()["status"] == "ready"
+    # A declared model is listed, with no worker and no facts yet.
+    models = client.get("/v1/models").json()
+    assert [(m["id"], m["workers"], m["image_size"]) for m in models["data"]] == [
+        ("tiny", 0, None)]
 
 
 def test_metrics_names_and_counters(client: TestClient) -> None:
@@ -161,7 +166,7 @@ def test_redis_down_503_then_recovers() -> None:
     from worker.protocol import Settings
 
     try:
-        with TestClient(create_app(Settings(redis_url=server.url))) as c:
+        with TestClient(create_app(Settings(redis_url=server.url, models="tiny"))) as c:
             assert c.post(URL, json=VALID).status_code == 202
             server.stop()
             for call in (lambda: c.post(URL, json=VALID), lambda: c.get(f"{URL}/{'0' * 32}"),

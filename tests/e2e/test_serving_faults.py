@@ -38,7 +38,8 @@ def _run_kill_and_shutdown(tmp: Path, checkpoint: Path, rounds: int) -> None:
     # Polling every 50 ms through 4 rounds passes the default 600 requests a minute; the
     # limiter is tested elsewhere, here it would only turn a poll into a 429.
     api = start_api(rs.url, port, tmp / "api.log", PROMPTPIX_RATE_LIMIT="0")
-    store = JobStore(redis.Redis.from_url(rs.url), Settings(redis_url=rs.url))
+    store = JobStore(redis.Redis.from_url(rs.url), Settings(redis_url=rs.url),
+                     model=checkpoint.stem)
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     procs = []
     try:

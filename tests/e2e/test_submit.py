@@ -47,7 +47,7 @@ def key(monkeypatch: pytest.MonkeyPatch, stack: UpStack) -> str:
 def store_for(stack: UpStack) -> JobStore:
     """The stack's Redis (the private, password-protected one `up` started)."""
     url = stack.redis_url()
-    return JobStore(redis.Redis.from_url(url), Settings(redis_url=url))
+    return JobStore(redis.Redis.from_url(url), Settings(redis_url=url), model="tiny")
 
 
 def hooked_job(stack: UpStack, **hooks: float | bool) -> str:

@@ -102,12 +102,21 @@ def test_up_names_the_demo_checkpoint_and_how_to_train_one(
     monkeypatch.setattr(launcher, "REPO_ROOT", tmp_path)
     monkeypatch.delenv("PROMPTPIX_CHECKPOINT", raising=False)
     with pytest.raises(launcher.LaunchError) as err:
-        launcher.resolve_checkpoint(None)
+        launcher.resolve_checkpoints(None)
     assert "checkpoints/demo/shapes16.pth" in str(err.value)
     assert "python train_llm_prompt.py --dataset shapes" in str(err.value)
-    # ...and the shipped one is found from the repository root.
+    # ...and the shipped ones are found from the repository root: every demo model.
     monkeypatch.setattr(launcher, "REPO_ROOT", ROOT)
-    assert launcher.resolve_checkpoint(None) == (ROOT / launcher.DEMO_CHECKPOINT).resolve()
+    found, demo = launcher.resolve_checkpoints(None)
+    assert demo and (ROOT / launcher.DEMO_CHECKPOINT).resolve() in found
+    assert sorted(p.name for p in found) == sorted(
+        p.name for p in (ROOT / launcher.DEMO_DIR).glob("*.pth"))
+    # Two checkpoints that would share a model name are refused up front.
+    twin = tmp_path / "other" / "shapes16.pth"
+    twin.parent.mkdir()
+    twin.write_bytes(b"x")
+    with pytest.raises(launcher.LaunchError, match="would all be model 'shapes16'"):
+        launcher.model_names([found[0], twin], {})
 
 
 def test_up_refuses_a_busy_port(tmp_path: Path, checkpoint: Path) -> None:

@@ -378,7 +378,8 @@ def test_a_page_following_five_running_jobs_stays_within_the_rate_limit(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     procs = [start_api(redis_url, port, tmp_path / "api.log")]  # default limits
-    store = JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
+    store = JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url),
+                     model=tiny_checkpoint.stem)
     # The first job's hook slows every row of the batch it leads (its mates wait for it).
     ids = [store.create_job(GenerationParams(prompt="a red square", seed=k),
                             test_hooks={"row_delay": 4.0} if k == 0 else None)[0]
@@ -412,6 +413,11 @@ def test_a_page_following_five_running_jobs_stays_within_the_rate_limit(
         rate = len(window) / WATCH_S
         print(f"page sent {rate:.1f} API requests/s following {WATCHED_JOBS} running jobs")
         assert rate <= MAX_PAGE_REQUESTS_PER_S, f"{rate:.1f} requests/s"
+        # One multiplexed event stream follows the five jobs; their states are not polled.
+        streams = [u for _, _, u in answers if "/v1/events?ids=" in u]
+        polls = [u for _, _, u in window if u.rstrip("/").rsplit("/", 1)[-1] in ids]
+        assert len(streams) == 1 and all(i in streams[0] for i in ids), streams
+        assert polls == [], polls
         for job_id in ids:  # and it still shows each job's progress and preview move
             shown = seen(page, job_id)
             assert len(set(shown.progress)) >= 2 and shown.previews, (job_id, shown)

@@ -81,7 +81,8 @@ def test_hostile_checkpoint_refused_and_not_ready_until_good_worker(
     files = _bad_files(tmp_path, tiny_checkpoint)
     rs = RedisServer().start()
     port = free_port()
-    api = start_api(rs.url, port, tmp_path / "api.log")
+    # The model is declared: its jobs are accepted before any worker has loaded it.
+    api = start_api(rs.url, port, tmp_path / "api.log", PROMPTPIX_MODELS=tiny_checkpoint.stem)
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     good = None
     try:

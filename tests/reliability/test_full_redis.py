@@ -71,7 +71,7 @@ def test_final_write_refused_by_full_redis_is_retried_and_heartbeat_survives(
 ) -> None:
     url = small_redis.url
     r = redis.Redis.from_url(url)
-    store = JobStore(r, Settings(redis_url=url))
+    store = JobStore(r, Settings(redis_url=url), model=checkpoint.stem)
     w: Proc = start_worker(url, checkpoint, tmp_path / "w.log")
     try:
         name = wait_worker_ready(url, w)

@@ -32,7 +32,8 @@ def _post(base: str, key: str, idem: str | None = None) -> httpx.Response:
 def test_per_key_cap_holds_under_60_concurrent_posts(redis_url: str, tmp_path: Path) -> None:
     port = free_port()
     api = start_api(redis_url, port, tmp_path / "api.log", PROMPTPIX_RATE_LIMIT="0",
-                    PROMPTPIX_API_KEYS=f"{KEY_A},{KEY_B}", PROMPTPIX_MAX_QUEUED_PER_KEY="10")
+                    PROMPTPIX_API_KEYS=f"{KEY_A},{KEY_B}", PROMPTPIX_MAX_QUEUED_PER_KEY="10",
+                    PROMPTPIX_MODELS="m1")
     base = f"http://127.0.0.1:{port}"
     try:
         gate = threading.Barrier(60)
@@ -67,7 +68,8 @@ def test_retry_of_accepted_job_is_answered_when_the_queue_is_full(
 ) -> None:
     port = free_port()
     api = start_api(redis_url, port, tmp_path / "api.log", PROMPTPIX_RATE_LIMIT="0",
-                    PROMPTPIX_API_KEYS=f"{KEY_A},{KEY_B}", PROMPTPIX_MAX_QUEUE="2")
+                    PROMPTPIX_API_KEYS=f"{KEY_A},{KEY_B}", PROMPTPIX_MAX_QUEUE="2",
+                    PROMPTPIX_MODELS="m1")
     base = f"http://127.0.0.1:{port}"
     try:
         first = _post(base, KEY_A, idem="k")
@@ -82,7 +84,7 @@ def test_retry_of_accepted_job_is_answered_when_the_queue_is_full(
 
 def test_global_cap_is_atomic_under_concurrent_submissions(redis_url: str) -> None:
     settings = Settings(redis_url=redis_url, max_queue=5)
-    store = JobStore(redis.Redis.from_url(redis_url), settings)
+    store = JobStore(redis.Redis.from_url(redis_url), settings, model="m1")
     gate = threading.Barrier(20)
 
     def one(i: int) -> bool:

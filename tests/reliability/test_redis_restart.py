@@ -158,7 +158,7 @@ def test_entry_taken_but_never_claimed_is_requeued(redis_url: str) -> None:
     from worker.protocol import GenerationParams, JobStore, Settings, rq_job_id
 
     settings = Settings(redis_url=redis_url, heartbeat_interval=0.1, reaper_interval=0.1)
-    store = JobStore(redis.Redis.from_url(redis_url), settings)
+    store = JobStore(redis.Redis.from_url(redis_url), settings, model="m1")
     job_id, _ = store.create_job(GenerationParams(prompt="a red square", seed=1))
     # What a worker's dequeue does before it dies: the entry moves off the queue.
     store.r.lmove(store.queue.key, store.queue.intermediate_queue_key)
@@ -168,7 +168,7 @@ def test_entry_taken_but_never_claimed_is_requeued(redis_url: str) -> None:
     assert [j for j, _ in store.reap_orphans()] == [job_id]
     job = store.get(job_id)
     assert job.status == "queued" and job.attempt == 2 and job.retries == 0
-    assert store.queue_position(rq_job_id(job_id, 2)) == 0
+    assert store.queue_position(job) == 0
     assert store.r.llen(store.queue.intermediate_queue_key) == 0
     assert store.reap_orphans() == []
     # A claim of the old entry is fenced.

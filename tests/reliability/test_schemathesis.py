@@ -48,7 +48,7 @@ def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log: Path = tmp_path_factory.mktemp("fuzz") / "api.log"
     api = start_api(rs.url, port, log, PROMPTPIX_RATE_LIMIT="0", PROMPTPIX_RESULT_TTL="60",
-                    PROMPTPIX_SYNC_TIMEOUT="1")
+                    PROMPTPIX_SYNC_TIMEOUT="1", PROMPTPIX_MODELS="fuzz")  # jobs accepted
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

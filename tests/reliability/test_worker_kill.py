@@ -42,7 +42,8 @@ def _kill_rounds(tmp: Path, checkpoint: Path, jobs: int, kills: int, liveness: d
     rs = RedisServer().start()
     port = free_port()
     api = start_api(rs.url, port, tmp / "api.log", PROMPTPIX_RATE_LIMIT="0", **liveness)
-    store = JobStore(redis.Redis.from_url(rs.url), Settings(redis_url=rs.url))
+    store = JobStore(redis.Redis.from_url(rs.url), Settings(redis_url=rs.url),
+                     model=checkpoint.stem)
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     procs: dict[int, Proc] = {}  # pid -> worker process (replacements start unwaited)
     n_started = 0

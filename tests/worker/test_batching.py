@@ -32,7 +32,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def store(redis_url: str) -> JobStore:
-    return JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
+    return JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url),
+                    model="tiny_serving")  # its jobs go to that model's queue
 
 
 @pytest.fixture

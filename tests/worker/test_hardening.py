@@ -25,19 +25,20 @@ from tests.worker.helpers import (
     wait_for,
     wait_worker_ready,
 )
-from worker.protocol import QUEUE_NAME, GenerationParams, JobRecord, JobStore, Keys, Settings
+from worker.protocol import GenerationParams, JobRecord, JobStore, Keys, Settings, queue_name
 
 ZEN = "Beautiful is better than ugly"  # what `import this` prints
+MODEL = "tiny_serving"  # the checkpoint's file stem: its worker serves `generate:tiny_serving`
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.getbasetemp() / "tiny_serving.pth")
+    return make_tiny_checkpoint(tmp_path_factory.getbasetemp() / f"{MODEL}.pth")
 
 
 @pytest.fixture
 def store(redis_url: str) -> JobStore:
-    return JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
+    return JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url), model=MODEL)
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_queue_entries_naming_other_code_are_refused_without_import(
 ) -> None:
     target = tmp_path / "made-by-redis"
     r = redis.Redis.from_url(redis_url)
-    q = Queue(QUEUE_NAME, connection=r, serializer=JSONSerializer)
+    q = Queue(queue_name(MODEL), connection=r, serializer=JSONSerializer)
     # An abandoned entry in RQ's started registry: RQ's maintenance (run as a worker starts)
     # would call its failure callback.
     abandoned = q.enqueue_call("worker.jobs.generate", args=({},),
@@ -122,7 +123,7 @@ def test_queue_entries_naming_other_code_are_refused_without_import(
     assert victim_job.status == "failed"
     assert victim_job.error_code == "invalid_payload"
     assert "os.mkdir" in victim_job.error_message
-    failed = set(FailedJobRegistry(QUEUE_NAME, connection=r).get_job_ids())
+    failed = set(FailedJobRegistry(queue_name(MODEL), connection=r).get_job_ids())
     assert {j.id for j in hostile} | {f"{victim}-a1"} <= failed
     log = w.log()
     for j in hostile:

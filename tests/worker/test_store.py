@@ -25,7 +25,7 @@ from worker.protocol import (
 def store(redis_url: str) -> JobStore:
     s = Settings(redis_url=redis_url, heartbeat_interval=0.1, reaper_interval=0.05,
                  max_retries=1)
-    return JobStore(redis.Redis.from_url(redis_url), s)
+    return JobStore(redis.Redis.from_url(redis_url), s, model="m1")
 
 
 MODEL = {"id": "m1", "image_size": 8, "channels": 3}
@@ -81,8 +81,10 @@ def test_reaper_requeues_at_front_then_fails(store: JobStore) -> None:
     job = store.get(job_id)
     assert job.status == "queued" and job.attempt == 2 and job.progress == 0
     assert not job.has_preview and store.get_blob(Keys.preview(job_id)) is None
-    assert store.queue_position(rq_job_id(job_id, 2)) == 0  # front, before `other`
-    assert store.queue_position(rq_job_id(other, 1)) == 1
+    again = store.get(job_id)
+    assert again is not None and again.attempt == 2
+    assert store.queue_position(again) == 0  # front, before `other`
+    assert store.queue_position(store.get(other)) == 1  # type: ignore[arg-type]
     # The lost attempt can no longer write anything.
     assert not store.write_progress(job_id, 1, "w1", 0.9, None)
     assert not store.finish(job_id, 1, "w1", JobStatus.SUCCEEDED, images=[b"x"])
@@ -133,7 +135,36 @@ def test_live_workers_and_models(store: JobStore) -> None:
     assert {w["name"] for w in store.live_workers()} == {"w1", "w2"}
     assert [m["id"] for m in store.models()] == ["m1"]
     time.sleep(0.4)  # heartbeat TTL = 3 x 0.1 s
-    assert store.live_workers() == [] and store.models() == []
+    # Workers expire; their model stays registered (jobs for it are still accepted).
+    assert store.live_workers() == [] and [m["id"] for m in store.models()] == ["m1"]
+
+
+def test_model_registry_names_and_conflicts(redis_url: str) -> None:
+    """Issue 17 phase B: models registered for good, checked by checksum, resolved by
+    name, alias, default or as the only one."""
+    from worker.protocol import ModelConflict, ModelNotFound, ModelRequired
+
+    s = Settings(redis_url=redis_url, model_aliases="dall-e-3=a")
+    store = JobStore(redis.Redis.from_url(redis_url), s)
+    with pytest.raises(ModelRequired, match="none is registered"):
+        store.resolve_model(None)
+    store.register_model({"id": "a", "checksum": "c1", "num_classes": 0})
+    assert store.resolve_model(None)["id"] == "a"  # the only one
+    store.register_model({"id": "a", "checksum": "c1", "num_classes": 3})  # same weights
+    with pytest.raises(ModelConflict, match=r"'a' is registered with checksum 'c1'.*'c2'"):
+        store.register_model({"id": "a", "checksum": "c2"})
+    store.register_model({"id": "b", "checksum": "c2"})
+    with pytest.raises(ModelRequired, match="a, b"):
+        store.resolve_model(None)
+    assert store.resolve_model("dall-e-3")["num_classes"] == 3
+    assert store.resolve_model("c2")["id"] == "b"  # the checksum names its model too
+    with pytest.raises(ModelNotFound, match="'zz' is not known here; models: a, b"):
+        store.resolve_model("zz")
+    declared = JobStore(store.r, Settings(redis_url=redis_url, models="z",
+                                          default_model="b"))
+    assert declared.resolve_model("z") == {"id": "z"}
+    assert declared.resolve_model(None)["id"] == "b"
+    assert declared.known_models() == ["a", "b", "z"]
 
 
 def test_payload_validation() -> None:
@@ -201,7 +232,7 @@ def test_caller_cap_counts_waiting_jobs_only(redis_url: str) -> None:
     from worker.protocol import QuotaExceeded
 
     s = Settings(redis_url=redis_url, max_queued_per_key=2, max_retries=5)
-    store = JobStore(redis.Redis.from_url(redis_url), s)
+    store = JobStore(redis.Redis.from_url(redis_url), s, model="m1")
     a, _ = store.create_job(params(1), quota_who="key:x")
     b, _ = store.create_job(params(2), quota_who="key:x")
     with pytest.raises(QuotaExceeded):
@@ -226,5 +257,34 @@ def test_admitted_job_without_queue_entry_is_enqueued_by_the_reaper(store: JobSt
     store.r.zadd(Keys.queued, {job_id: time.time() - 60})  # admitted a minute ago
     assert store.reap_orphans() == [
         (job_id, "enqueued (admitted, its queue entry never written)")]
-    assert store.queue_position(rq_job_id(job_id, 2)) == 0
+    again = store.get(job_id)
+    assert again is not None and again.attempt == 2
+    assert store.queue_position(again) == 0
     assert store.get(job_id).attempt == 2
+
+
+def test_reaper_and_orphan_sweep_requeue_on_the_job_s_own_model_queue(redis_url: str) -> None:
+    """Issue 17 phase B: a lost worker's job, and an entry taken but never claimed, go back
+    to the queue of the model they asked for, whichever process sweeps."""
+    s = Settings(redis_url=redis_url, heartbeat_interval=0.1, reaper_interval=0.05,
+                 max_retries=3, models="m1,m2")
+    r = redis.Redis.from_url(redis_url)
+    api = JobStore(r, s)  # the API: serves no model
+    w2 = JobStore(r, s, model="m2")
+    lost, _ = api.create_job(GenerationParams(prompt="a red square", seed=1, model="m2"))
+    taken, _ = api.create_job(GenerationParams(prompt="a red square", seed=2, model="m2"))
+    assert r.llen("rq:queue:generate:m2") == 2 and r.llen("rq:queue:generate:m1") == 0
+    r.lrem(w2.queue.key, 0, rq_job_id(lost, 1))  # popped by m2's worker, which claims it
+    assert w2.claim(lost, rq_job_id(lost, 1), "w2", MODEL) == "ok"  # ... then dies
+    r.lmove(w2.queue.key, w2.queue.intermediate_queue_key)  # the other: taken, never claimed
+    assert [j for j, _ in api.reap()] == [lost]
+    assert api.reap_orphans() == []  # first sight of the taken entry
+    time.sleep(0.35)
+    assert [j for j, _ in api.reap_orphans()] == [taken]
+    assert r.llen("rq:queue:generate:m1") == 0
+    assert set(r.lrange("rq:queue:generate:m2", 0, -1)) == {
+        rq_job_id(lost, 2).encode(), rq_job_id(taken, 2).encode()}
+    for job_id in (lost, taken):
+        job = api.get(job_id)
+        assert job is not None and api.queue_position(job) is not None
+    assert api.queue_depths() == {"m1": 0, "m2": 2}

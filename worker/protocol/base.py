@@ -10,7 +10,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from .record import JobRecord
-from .schema import JOB_FUNC, QUEUE_NAME, Keys, rq_job_id
+from .schema import JOB_FUNC, Keys, ProtocolError, queue_name, rq_job_id
 from .scripts import ADMIT, CANCEL, CLAIM, FAIL_QUEUED, FINISH, PROGRESS, TAKE
 from .settings import Settings
 
@@ -21,13 +21,23 @@ def _s(v: bytes | str | None) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
 
-class StoreBase:
-    """The connection, settings, RQ queue and registered scripts; the plain reads."""
+def job_model(job: JobRecord) -> str:
+    """The model id a job asked for ('' for a job stored before models had names)."""
+    params = job.params if isinstance(job.params, dict) else {}
+    model = params.get("model")
+    return model if isinstance(model, str) else ""
 
-    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+
+class StoreBase:
+    """The connection, settings, RQ queues (one per model) and registered scripts; the
+    plain reads. `model` is the model a worker serves (None in the API)."""
+
+    def __init__(self, connection: redis.Redis, settings: Settings,
+                 model: str | None = None) -> None:
         self.r = connection
         self.settings = settings
-        self.queue = Queue(QUEUE_NAME, connection=connection, serializer=JSONSerializer)
+        self.model = model
+        self._queues: dict[str, Queue] = {}
         self._claim = connection.register_script(CLAIM)
         self._progress = connection.register_script(PROGRESS)
         self._finish = connection.register_script(FINISH)
@@ -36,19 +46,57 @@ class StoreBase:
         self._fail_queued = connection.register_script(FAIL_QUEUED)
         self._admit = connection.register_script(ADMIT)
 
+    def queue_for(self, model: str) -> Queue:
+        """The RQ queue of `model`'s jobs (`generate:<model>`)."""
+        q = self._queues.get(model)
+        if q is None:
+            q = Queue(queue_name(model), connection=self.r, serializer=JSONSerializer)
+            self._queues[model] = q
+        return q
+
+    @property
+    def queue(self) -> Queue:
+        """The queue of the model this store's worker serves."""
+        if not self.model:
+            raise ProtocolError("this store serves no model: use queue_for(model)")
+        return self.queue_for(self.model)
+
+    def job_queue(self, job: JobRecord) -> Queue:
+        """The queue a job waits in: its model's (this worker's for a job without one)."""
+        model = job_model(job) or self.model
+        if not model:
+            raise ProtocolError(f"job {job.id} names no model and this store serves none")
+        return self.queue_for(model)
+
     def get(self, job_id: str) -> JobRecord | None:
         """The job (None when unknown or expired): the one place job hashes are read."""
         raw = self.r.hgetall(Keys.job(job_id))
         return JobRecord.from_hash(raw) if raw else None
 
-    def queue_position(self, rq_id: str) -> int | None:
-        """0-based position of an RQ job id in the queue (None when not in it)."""
-        pos = self.r.lpos(self.queue.key, rq_id)
+    def queue_position(self, job: JobRecord) -> int | None:
+        """0-based position of a job's current attempt in its model's queue (None when not
+        in it)."""
+        pos = self.r.lpos(self.job_queue(job).key, job.rq_id)
         return None if pos is None else int(pos)
 
+    def known_models(self) -> list[str]:
+        """Ids of every registered model, every one PROMPTPIX_MODELS declares, and this
+        store's own."""
+        known = {_s(k) or "" for k in self.r.hkeys(Keys.models)}
+        known |= set(self.settings.declared_models) | ({self.model} if self.model else set())
+        return sorted(known)
+
+    def queue_depths(self) -> dict[str, int]:
+        """Jobs waiting in each known model's queue."""
+        names = self.known_models()
+        with self.r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.llen(self.queue_for(name).key)
+            return dict(zip(names, (int(n) for n in pipe.execute()), strict=True))
+
     def queue_depth(self) -> int:
-        """Jobs waiting in the queue."""
-        return int(self.r.llen(self.queue.key))
+        """Jobs waiting in the queues of all models."""
+        return sum(self.queue_depths().values())
 
     def get_blob(self, key: str) -> bytes | None:
         """A stored PNG (image or preview) or None."""
@@ -57,11 +105,14 @@ class StoreBase:
 
     def _enqueue(self, pipe: Any, job_id: str, attempt: int, params: dict[str, Any],
                  test_hooks: dict[str, Any] | None, at_front: bool) -> str:
+        """Write the RQ entry of one attempt on the queue of the job's model."""
+        model = params.get("model") if isinstance(params, dict) else None
+        queue = self.queue_for(model) if isinstance(model, str) and model else self.queue
         payload: dict[str, Any] = {"job_id": job_id, "attempt": attempt, "params": params}
         if test_hooks:
             payload["test_hooks"] = test_hooks
         rq_id = rq_job_id(job_id, attempt)
-        self.queue.enqueue_call(
+        queue.enqueue_call(
             JOB_FUNC, args=(payload,), job_id=rq_id, timeout=self.settings.job_timeout,
             ttl=self.settings.result_ttl, result_ttl=RQ_RESULT_TTL,
             failure_ttl=self.settings.result_ttl, at_front=at_front, pipeline=pipe,

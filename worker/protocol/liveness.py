@@ -27,14 +27,15 @@ class LivenessOps(TransitionOps):
     """Heartbeats and reaping (reaping requeues through the transitions)."""
 
     def heartbeat(self, name: str, info: dict[str, Any], model: dict[str, Any] | None) -> None:
-        """Refresh this worker's key (and its model's) for one heartbeat TTL."""
+        """Refresh this worker's key for one heartbeat TTL (and register its model again
+        if the registry was lost, e.g. with a Redis restart without persistence)."""
         ttl = self.settings.heartbeat_ttl_ms
         try:
             with self.r.pipeline(transaction=False) as pipe:
                 pipe.set(Keys.worker(name), json.dumps(info), px=ttl)
                 pipe.zadd(Keys.workers, {name: time.time()})
                 if model is not None:
-                    pipe.set(Keys.model(model["id"]), json.dumps(model), px=ttl)
+                    pipe.hsetnx(Keys.models, model["id"], json.dumps(model))
                 pipe.execute()
         except redis.ResponseError as e:
             if not storage_full(e):
@@ -44,15 +45,13 @@ class LivenessOps(TransitionOps):
             # worker is not reaped, and its jobs not handed on, only because Redis is full.
             with self.r.pipeline(transaction=False) as pipe:
                 pipe.pexpire(Keys.worker(name), ttl)
-                if model is not None:
-                    pipe.pexpire(Keys.model(model["id"]), ttl)
                 alive = pipe.execute()[0]
             if not alive:
                 raise  # the key already expired: nothing left to keep alive
             logger.debug("heartbeat of %s kept by PEXPIRE (Redis is full)", name)
 
     def remove_worker(self, name: str) -> None:
-        """Forget a worker that exits cleanly (its model key expires on its own)."""
+        """Forget a worker that exits cleanly (its model stays registered)."""
         with self.r.pipeline(transaction=False) as pipe:
             pipe.delete(Keys.worker(name))
             pipe.zrem(Keys.workers, name)
@@ -65,14 +64,6 @@ class LivenessOps(TransitionOps):
         if not names:
             return []
         values = self.r.mget([Keys.worker(n) for n in names if n])
-        return [json.loads(v) for v in values if v is not None]
-
-    def models(self) -> list[dict[str, Any]]:
-        """Models served by live workers (one entry per model id)."""
-        ids = sorted({w["model_id"] for w in self.live_workers() if w.get("model_id")})
-        if not ids:
-            return []
-        values = self.r.mget([Keys.model(i) for i in ids])
         return [json.loads(v) for v in values if v is not None]
 
     def reap(self) -> list[tuple[str, str]]:
@@ -109,9 +100,12 @@ class LivenessOps(TransitionOps):
         grace = max(self.settings.heartbeat_ttl_ms / 1000, 2 * self.settings.reaper_interval)
         seen_key = f"{Keys.running}:unclaimed"
         now = time.time()
-        rq_ids = {_s(x) or "" for x in self.r.lrange(self.queue.intermediate_queue_key, 0, -1)}
-        rq_ids |= {(_s(x) or "").split(":")[0]
-                   for x in self.r.zrange(self.queue.started_job_registry.key, 0, -1)}
+        rq_ids: set[str] = set()
+        for model in self.known_models():
+            queue = self.queue_for(model)
+            rq_ids |= {_s(x) or "" for x in self.r.lrange(queue.intermediate_queue_key, 0, -1)}
+            rq_ids |= {(_s(x) or "").split(":")[0]
+                       for x in self.r.zrange(queue.started_job_registry.key, 0, -1)}
         done: list[tuple[str, str]] = []
         live = set()
         for rq_id in rq_ids:
@@ -164,7 +158,7 @@ class LivenessOps(TransitionOps):
                     new = job.attempt + 1
                     pipe.multi()
                     pipe.hset(key, mapping={"attempt": str(new), "rq_id": rq_job_id(job_id, new)})
-                    pipe.lrem(self.queue.intermediate_queue_key, 0, rq_id)
+                    pipe.lrem(self.job_queue(job).intermediate_queue_key, 0, rq_id)
                     pipe.hdel(f"{Keys.running}:unclaimed", rq_id)
                     self._enqueue(pipe, job_id, new, job.params, job.test_hooks, at_front=True)
                     pipe.execute()

@@ -53,6 +53,11 @@ class JobRecord:
     quota: str = ""  # the caller's waiting-jobs zset, if capped
     user: str = ""  # a client's own label (OpenAI's `user`), never the owner
     test_hooks: Any = None
+    webhook: str = ""  # URL told of this job's events ('' = none)
+    webhook_events: tuple[str, ...] = ()  # which (`WebhookEvent` values)
+    webhook_delivered: bool = False  # the last event sent was accepted (2xx)
+    webhook_attempts: int = 0  # delivery attempts so far, all events
+    webhook_last_status: int | None = None  # HTTP status of the last attempt (None: none)
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, Any]) -> JobRecord:
@@ -71,6 +76,12 @@ class JobRecord:
                 error_code=t("error_code"), error_message=t("error_message"),
                 idem=t("idem"), quota=t("quota"), user=t("user"),
                 test_hooks=_json_or_text(t("test_hooks")) if t("test_hooks") else None,
+                webhook=t("webhook"),
+                webhook_events=tuple(e for e in t("webhook_events").split(",") if e),
+                webhook_delivered=t("webhook_delivered") == "1",
+                webhook_attempts=int(t("webhook_attempts") or 0),
+                webhook_last_status=(int(t("webhook_last_status"))
+                                     if t("webhook_last_status") else None),
             )
         except ValueError as e:
             raise ProtocolError(f"job hash {t('id')!r} is not a job record: {e}") from e
@@ -83,7 +94,8 @@ class JobRecord:
             "params": json.dumps(self.params), "created_at": repr(self.created_at),
             "progress": "0", "has_preview": "0", "images": "0", "idem": self.idem,
             "test_hooks": json.dumps(self.test_hooks) if self.test_hooks else "",
-            "quota": self.quota,
+            "quota": self.quota, "webhook": self.webhook,
+            "webhook_events": ",".join(self.webhook_events),
         }
 
     def payload(self) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # ---------------------------------------------------------------------------------------
 # Named defaults and limits
-QUEUE_NAME = "generate"
+QUEUE_NAME = "generate"  # a model's queue is `generate:<model>` (`queue_name`)
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # what a model id may be
 JOB_FUNC = "worker.jobs.generate"  # dotted path: RQ imports it by name, never unpickles code
 KEY_PREFIX = "promptpix"
 MAX_SEED = 2**53  # seeds are exact integers in JavaScript below this
@@ -79,6 +80,18 @@ class Admission(str, Enum):
     QUOTA_EXCEEDED = "quota_exceeded"  # PROMPTPIX_MAX_QUEUED_PER_KEY jobs of this caller wait
 
 
+class WebhookEvent(str, Enum):
+    """What a job's webhook may be told (`webhook_events_filter`); body `type` is
+    `generation.<value>`."""
+
+    START = "start"
+    PROGRESS = "progress"  # at most once a second
+    COMPLETED = "completed"  # succeeded, failed or canceled
+
+
+WEBHOOK_PROGRESS_INTERVAL_S = 1.0
+
+
 class JobErrorCode(str, Enum):
     """Why a job ended `failed` (only `worker_lost` is ever retried, by the reaper)."""
 
@@ -125,6 +138,13 @@ class Keys:
     queued = f"{KEY_PREFIX}:queued"
     workers = f"{KEY_PREFIX}:workers"  # zset worker name -> last heartbeat (unix s)
     reaper_lock = f"{KEY_PREFIX}:reaper:lock"
+    # hash model id -> its facts (JSON), written when a worker first loads it; persistent
+    # (no TTL), so jobs for a model without a live worker are accepted (scale to zero)
+    models = f"{KEY_PREFIX}:models"
+    # stream of webhook events (job, type, at), appended by the transitions' scripts and
+    # read by `promptpix webhooks` with a consumer group; zset of deliveries to retry
+    webhook_events = f"{KEY_PREFIX}:webhooks"
+    webhook_retries = f"{KEY_PREFIX}:webhooks:retry"
 
     @staticmethod
     def job(job_id: str) -> str:
@@ -134,6 +154,12 @@ class Keys:
     def queued_by(who: str) -> str:
         """zset of one key's (or client address's) admitted, not started jobs."""
         return f"{KEY_PREFIX}:queued:{who}"
+
+    @staticmethod
+    def owner_jobs(owner: str) -> str:
+        """zset job id -> creation time of one owner's jobs ('' = keys off: everyone's),
+        written at admission; entries of expired jobs are dropped as they are read."""
+        return f"{KEY_PREFIX}:owner:{owner or '-'}:jobs"
 
     @staticmethod
     def image(job_id: str, n: int) -> str:
@@ -147,14 +173,16 @@ class Keys:
     def worker(name: str) -> str:
         return f"{KEY_PREFIX}:worker:{name}"
 
-    @staticmethod
-    def model(model_id: str) -> str:
-        return f"{KEY_PREFIX}:model:{model_id}"
 
     @staticmethod
     def idempotency(scope: str, key: str) -> str:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         return f"{KEY_PREFIX}:idem:{scope}:{digest}"
+
+
+def queue_name(model: str) -> str:
+    """The RQ queue of one model's jobs (Redis key `rq:queue:generate:<model>`)."""
+    return f"{QUEUE_NAME}:{model}"
 
 
 def rq_job_id(job_id: str, attempt: int) -> str:
@@ -179,6 +207,8 @@ class SamplingParams(BaseModel):
     guidance_scale: float | None = Field(None, ge=1.0, le=MAX_GUIDANCE_SCALE,
                                          description="null = the model's default")
     class_label: int | None = Field(None, ge=0, lt=MAX_CLASS_LABEL)
+    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN,
+                              description="model id (see GET /v1/models); null = the default")
 
     @field_validator("prompt")
     @classmethod

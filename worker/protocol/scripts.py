@@ -10,11 +10,24 @@ from __future__ import annotations
 
 from string import Template
 
-from .schema import Admission, JobStatus, Keys, Transition
+from .schema import (
+    WEBHOOK_PROGRESS_INTERVAL_S,
+    Admission,
+    JobStatus,
+    Keys,
+    Transition,
+    WebhookEvent,
+)
+
+WEBHOOK_STREAM_MAXLEN = 100_000  # events kept (approximately) for `promptpix webhooks`
 
 
 def _lua(source: str) -> str:
     names = {f"S_{s.name}": f"'{s.value}'" for s in JobStatus}
+    names |= {f"W_{w.name}": f"'{w.value}'" for w in WebhookEvent}
+    names["WEBHOOK_STREAM"] = f"'{Keys.webhook_events}'"
+    names["WEBHOOK_MAXLEN"] = f"'{WEBHOOK_STREAM_MAXLEN}'"
+    names["WEBHOOK_PROGRESS_S"] = repr(WEBHOOK_PROGRESS_INTERVAL_S)
     names |= {f"T_{t.name}": f"'{t.value}'" for t in Transition}
     names |= {f"A_{a.name}": f"'{a.value}'" for a in Admission}
     names["JOB_PREFIX"] = f"'{Keys.job('')}'"
@@ -31,8 +44,21 @@ local function unqueue(job_key, queued_key, job_id)
 end
 """
 
+# A transition tells the job's webhook (when it has one asking for that event) by
+# appending to the webhook stream in the same step as the status change: no event is lost
+# or invented by a crash between the two.
+_HOOK = """
+local function hook(job_key, job_id, kind, now)
+  local w = redis.call('HMGET', job_key, 'webhook', 'webhook_events')
+  if not w[1] or w[1] == '' then return end
+  if not string.find(',' .. (w[2] or '') .. ',', ',' .. kind .. ',', 1, true) then return end
+  redis.call('XADD', $WEBHOOK_STREAM, 'MAXLEN', '~', $WEBHOOK_MAXLEN, '*',
+             'job', job_id, 'type', kind, 'at', now)
+end
+"""
+
 # KEYS: job hash, running set, queued zset. ARGV: rq id, worker, now, model json, job id.
-CLAIM = _lua(_UNQUEUE + """
+CLAIM = _lua(_UNQUEUE + _HOOK + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id')
 if not s[1] then return $T_MISSING end
 if s[1] ~= $S_QUEUED then return s[1] end
@@ -41,6 +67,7 @@ redis.call('HSET', KEYS[1], 'status', $S_RUNNING, 'worker', ARGV[2], 'started_at
            'progress', '0', 'model', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[5])
 unqueue(KEYS[1], KEYS[3], ARGV[5])
+hook(KEYS[1], ARGV[5], $W_START, ARGV[3])
 return $T_OK
 """)
 
@@ -48,7 +75,7 @@ return $T_OK
 # its queue entry and RQ job go, so no other worker pops it. LREM finding nothing means
 # another worker popped it first: that one claims it the usual way.
 # KEYS: job hash, running set, queue list, RQ job hash, queued zset. ARGV as CLAIM.
-TAKE = _lua(_UNQUEUE + """
+TAKE = _lua(_UNQUEUE + _HOOK + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id')
 if not s[1] then return $T_MISSING end
 if s[1] ~= $S_QUEUED then return s[1] end
@@ -59,15 +86,23 @@ redis.call('HSET', KEYS[1], 'status', $S_RUNNING, 'worker', ARGV[2], 'started_at
            'progress', '0', 'model', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[5])
 unqueue(KEYS[1], KEYS[5], ARGV[5])
+hook(KEYS[1], ARGV[5], $W_START, ARGV[3])
 return $T_OK
 """)
 
-# KEYS: job hash, preview. ARGV: worker, attempt, progress, preview png ('' = none), ttl.
-PROGRESS = _lua("""
-local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', 'progress')
+# Progress events reach a webhook at most once per WEBHOOK_PROGRESS_S.
+# KEYS: job hash, preview. ARGV: worker, attempt, progress, preview png ('' = none), ttl,
+# now, job id.
+PROGRESS = _lua(_HOOK + """
+local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', 'progress',
+                     'webhook_progress_at')
 if s[1] ~= $S_RUNNING or s[2] ~= ARGV[1] or s[3] ~= ARGV[2] then return 0 end
 if tonumber(ARGV[3]) > tonumber(s[4] or '0') then
   redis.call('HSET', KEYS[1], 'progress', ARGV[3])
+  if tonumber(ARGV[6]) - tonumber(s[5] or '0') >= $WEBHOOK_PROGRESS_S then
+    redis.call('HSET', KEYS[1], 'webhook_progress_at', ARGV[6])
+    hook(KEYS[1], ARGV[7], $W_PROGRESS, ARGV[6])
+  end
 end
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
@@ -78,7 +113,7 @@ return 1
 
 # KEYS: job hash, running set, preview, image keys... ARGV: worker, attempt, status, now,
 # ttl, error code, error message, job id, pngs... (one per image key)
-FINISH = _lua("""
+FINISH = _lua(_HOOK + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', 'idem')
 if s[1] ~= $S_RUNNING or s[2] ~= ARGV[1] or s[3] ~= ARGV[2] then return 0 end
 local n = #KEYS - 3
@@ -92,12 +127,13 @@ redis.call('SREM', KEYS[2], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 if s[4] and s[4] ~= '' then redis.call('EXPIRE', s[4], ARGV[5]) end
+hook(KEYS[1], ARGV[8], $W_COMPLETED, ARGV[4])
 return 1
 """)
 
 # A canceled job stays readable for the result TTL from now, as a finished one does.
 # KEYS: job hash, queue list, running set, preview, queued zset. ARGV: now, job id, ttl.
-CANCEL = _lua(_UNQUEUE + """
+CANCEL = _lua(_UNQUEUE + _HOOK + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id', 'idem')
 if not s[1] then return $T_MISSING end
 if s[1] == $S_QUEUED then
@@ -111,13 +147,14 @@ redis.call('SREM', KEYS[3], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
 if s[3] and s[3] ~= '' then redis.call('EXPIRE', s[3], ARGV[3]) end
+hook(KEYS[1], ARGV[2], $W_COMPLETED, ARGV[1])
 return $T_OK
 """)
 
 # A queued attempt whose queue entry cannot run (refused, or its payload does not parse):
 # it ends `failed` now rather than stay `queued` until its TTL.
 # KEYS: job hash, queued zset. ARGV: rq id, now, ttl, error code, error message, job id.
-FAIL_QUEUED = _lua(_UNQUEUE + """
+FAIL_QUEUED = _lua(_UNQUEUE + _HOOK + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id', 'idem')
 if not s[1] then return $T_MISSING end
 if s[1] ~= $S_QUEUED then return s[1] end
@@ -127,6 +164,7 @@ redis.call('HSET', KEYS[1], 'status', $S_FAILED, 'finished_at', ARGV[2],
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if s[3] and s[3] ~= '' then redis.call('EXPIRE', s[3], ARGV[3]) end
 unqueue(KEYS[1], KEYS[2], ARGV[6])
+hook(KEYS[1], ARGV[6], $W_COMPLETED, ARGV[2])
 return $T_OK
 """)
 
@@ -135,8 +173,10 @@ return $T_OK
 # caller's cap, then the job hash. The RQ entry follows in the store's next step.
 # A count at its cap is checked again after dropping members that no longer wait (ended,
 # started or expired without passing through a transition that removes them).
+# The job joins its owner's index (newest-first listing), from which entries older than
+# the result TTL are trimmed.
 # KEYS: idem key (or the job key when there is none), job hash, queued zset, caller's zset
-# (or the job key when uncapped).
+# (or the job key when uncapped), owner's index.
 # ARGV: idem? ('1'/''), body hash, job id, now, ttl, max queue, caller cap (0 = none),
 #       then the job hash's fields and values.
 ADMIT = _lua("""
@@ -168,6 +208,9 @@ for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[2], unpack(fields))
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(ARGV[4]) - tonumber(ARGV[5]))
+redis.call('EXPIRE', KEYS[5], ARGV[5])
 if cap > 0 then
   redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
   redis.call('EXPIRE', KEYS[4], ARGV[5])

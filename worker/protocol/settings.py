@@ -14,10 +14,10 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .schema import HEARTBEAT_TTL_FACTOR, MAX_IMAGES, MAX_PROMPT_CHARS
+from .schema import HEARTBEAT_TTL_FACTOR, MAX_IMAGES, MAX_PROMPT_CHARS, MODEL_NAME_PATTERN
 
 MIN_API_KEY_CHARS = 16
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 def model_name_for(checkpoint: str | Path, name: str | None = None) -> str:
@@ -83,9 +83,19 @@ class Settings(BaseSettings):
     # --- models and the OpenAI-compatible images API (issue 17)
     model_name: str | None = None  # the worker's model id; default: the checkpoint's file stem
     model_aliases: str = ""  # foreign=ours,...  e.g. dall-e-3=shapes16
+    models: str = ""  # model ids accepted before any worker registered them: a,b
+    default_model: str | None = None  # a request without `model` gets it (else the only one)
     sync_timeout: float = Field(300.0, gt=0, le=3600)  # POST /v1/images/generations waits
     url_secret: SecretStr | None = None  # signs image URLs; unset = random per process
     url_ttl: int = Field(3600, ge=1, le=7 * 86400)  # seconds a signed image URL works
+    # --- webhooks (`promptpix webhooks`; issue 17 phase B)
+    # Standard Webhooks secret (whsec_<base64>); unset = a request with `webhook` is 422
+    webhook_secret: SecretStr | None = None
+    # where deliveries may go: "public" (global addresses only) and/or CIDRs, comma separated
+    webhook_allow: str = "public"
+    webhook_max_attempts: int = Field(10, ge=1, le=50)
+    webhook_timeout: float = Field(10.0, gt=0, le=60)  # seconds per delivery attempt
+    webhook_backoff_scale: float = Field(1.0, gt=0)  # multiplies the back-off (tests shorten)
     # --- client (`promptpix submit`)
     url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
@@ -105,6 +115,42 @@ class Settings(BaseSettings):
     def _model_name(cls, v: str | None) -> str | None:
         if v is not None and not MODEL_NAME.match(v):
             raise ValueError(f"PROMPTPIX_MODEL_NAME must match {MODEL_NAME.pattern}, got {v!r}")
+        return v
+
+    @field_validator("default_model")
+    @classmethod
+    def _default_model(cls, v: str | None) -> str | None:
+        if v is not None and not MODEL_NAME.match(v):
+            raise ValueError(f"PROMPTPIX_DEFAULT_MODEL must match {MODEL_NAME.pattern}, "
+                             f"got {v!r}")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: str) -> str:
+        for name in (x.strip() for x in v.split(",")):
+            if name and not MODEL_NAME.match(name):
+                raise ValueError(f"PROMPTPIX_MODELS entry {name!r} must match "
+                                 f"{MODEL_NAME.pattern}")
+        return v
+
+    @property
+    def declared_models(self) -> list[str]:
+        """`PROMPTPIX_MODELS` as a list of model ids."""
+        return [x.strip() for x in self.models.split(",") if x.strip()]
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _webhook_allow(cls, v: str) -> str:
+        import ipaddress
+
+        for entry in (e.strip() for e in v.split(",")):
+            if entry and entry != "public":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError as e:
+                    raise ValueError(f"PROMPTPIX_WEBHOOK_ALLOW entry {entry!r} must be "
+                                     "'public' or a CIDR such as 127.0.0.0/8") from e
         return v
 
     @field_validator("model_aliases")

@@ -2,7 +2,8 @@
 
 The API (any replica) and the workers share `JobStore`, assembled from one module per
 concern: `enqueue` (admission under the caps), `transitions` (the job's life, fenced per
-attempt), `liveness` (heartbeats and the reaper). Reads are in `base`.
+attempt), `liveness` (heartbeats and the reaper), `registry` (models by name). Reads are in
+`base`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 from .connection import redis_connection, storage_full
 from .enqueue import EnqueueOps
 from .liveness import WORKER_FORGET_S, LivenessOps
+from .registry import ModelConflict, ModelNotFound, ModelRequired, RegistryOps
 from .schema import IdempotencyConflict, QueueFull, QuotaExceeded
 from .transitions import Requeue
 
 
-class JobStore(EnqueueOps, LivenessOps):
+class JobStore(EnqueueOps, LivenessOps, RegistryOps):
     """Reads and atomic transitions of jobs, workers and models in one Redis."""
 
 
-__all__ = ["WORKER_FORGET_S", "IdempotencyConflict", "JobStore", "QueueFull", "QuotaExceeded",
-           "Requeue", "redis_connection", "storage_full"]
+__all__ = ["WORKER_FORGET_S", "IdempotencyConflict", "JobStore", "ModelConflict",
+           "ModelNotFound", "ModelRequired", "QueueFull", "QuotaExceeded", "Requeue",
+           "redis_connection", "storage_full"]

@@ -18,7 +18,8 @@ from rq.job import Job
 
 from .base import StoreBase, _s
 from .record import JobRecord
-from .schema import JobErrorCode, JobStatus, Keys, rq_job_id
+from .schema import JobErrorCode, JobStatus, Keys, WebhookEvent, rq_job_id
+from .scripts import WEBHOOK_STREAM_MAXLEN
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,11 @@ class TransitionOps(StoreBase):
 
     def cancel(self, job_id: str) -> str:
         """Cancel a queued or running job; return 'ok', 'missing' or its finished state."""
-        out = self._cancel(keys=[Keys.job(job_id), self.queue.key, Keys.running,
+        job = self.get(job_id)
+        if job is None:
+            return "missing"
+        # The model (so the queue) of a job never changes: reading it first is safe.
+        out = self._cancel(keys=[Keys.job(job_id), self.job_queue(job).key, Keys.running,
                                  Keys.preview(job_id), Keys.queued],
                            args=[repr(time.time()), job_id, self.settings.result_ttl])
         result = _s(out) or "missing"
@@ -94,7 +99,7 @@ class TransitionOps(StoreBase):
         out = self._progress(
             keys=[Keys.job(job_id), Keys.preview(job_id)],
             args=[worker, str(attempt), repr(float(progress)), preview or b"",
-                  self.settings.result_ttl],
+                  self.settings.result_ttl, repr(time.time()), job_id],
         )
         return bool(out)
 
@@ -148,6 +153,11 @@ class TransitionOps(StoreBase):
                         pipe.expire(Keys.preview(job_id), ttl)
                         if job.idem:
                             pipe.expire(job.idem, ttl)
+                        if job.webhook and WebhookEvent.COMPLETED.value in job.webhook_events:
+                            pipe.xadd(Keys.webhook_events, {
+                                "job": job_id, "type": WebhookEvent.COMPLETED.value,
+                                "at": repr(time.time())},
+                                maxlen=WEBHOOK_STREAM_MAXLEN, approximate=True)
                         outcome = Requeue.FAILED
                     else:
                         new = attempt + 1

@@ -1,0 +1,33 @@
+"""Which model a request means, and the checks the API can make against its facts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.protocol import JobStore, ModelNotFound, ModelRequired
+
+from .errors import ApiError
+
+
+def resolve_model(store: JobStore, requested: str | None, status_required: int = 422,
+                  status_unknown: int = 404) -> dict[str, Any]:
+    """The facts of the model a request names (reads Redis): 422 `model_required` when it
+    names none and there is no default nor a single model; 404 `model_not_found` for an
+    unknown name. Facts are `{"id": name}` alone for a model declared but never loaded."""
+    try:
+        return store.resolve_model(requested)
+    except ModelRequired as e:
+        raise ApiError(status_required, "model_required", str(e), "model") from e
+    except ModelNotFound as e:
+        raise ApiError(status_unknown, "model_not_found", str(e), "model") from e
+
+
+def check_class_label(model: dict[str, Any], class_label: int | None) -> None:
+    """422 `invalid_request` when the model is known not to have that class."""
+    if class_label is None or "num_classes" not in model:
+        return
+    classes = int(model.get("num_classes") or 0)
+    if class_label >= classes:
+        raise ApiError(422, "invalid_request",
+                       f"class_label {class_label} is not a class of model {model['id']!r} "
+                       f"({classes} classes)", "class_label")

@@ -1,0 +1,84 @@
+"""The model registry: every model a worker ever loaded (persistent), plus the ones
+PROMPTPIX_MODELS declares; and which model a request means."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from .base import StoreBase, _s
+from .schema import Keys, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+
+class ModelConflict(ProtocolError):
+    """A model id is already registered with other weights (another checksum)."""
+
+
+class ModelRequired(ProtocolError):
+    """A request names no model, and there is no default nor a single registered one."""
+
+
+class ModelNotFound(ProtocolError):
+    """A request names a model that is neither registered nor declared."""
+
+
+class RegistryOps(StoreBase):
+    """Registering models and resolving the model a request names."""
+
+    def register_model(self, info: dict[str, Any]) -> None:
+        """Record a model's facts under its id, for good (no TTL).
+
+        Raises `ModelConflict` when the id is registered with another checksum: two
+        different checkpoints must have different names (PROMPTPIX_MODEL_NAME).
+        """
+        name, checksum = str(info["id"]), str(info.get("checksum") or "")
+        if not self.r.hsetnx(Keys.models, name, json.dumps(info)):
+            old = json.loads(self.r.hget(Keys.models, name) or "{}")
+            if str(old.get("checksum") or "") != checksum:
+                raise ModelConflict(
+                    f"model {name!r} is registered with checksum {old.get('checksum')!r}, "
+                    f"this checkpoint's is {checksum!r}: give it another name "
+                    "(PROMPTPIX_MODEL_NAME or a different file name)")
+            self.r.hset(Keys.models, name, json.dumps(info))  # same weights: fresh facts
+        logger.info("model %s registered (checksum %s)", name, checksum[:12])
+
+    def models(self) -> list[dict[str, Any]]:
+        """Facts of every registered model, then `{"id": name}` for each declared one that
+        no worker has loaded yet; sorted by id."""
+        out = {(_s(k) or ""): json.loads(v) for k, v in self.r.hgetall(Keys.models).items()}
+        for name in self.settings.declared_models:
+            out.setdefault(name, {"id": name})
+        return [out[k] for k in sorted(out)]
+
+    def resolve_model(self, requested: str | None) -> dict[str, Any]:
+        """The facts of the model a request means (`{"id": name}` alone when declared but
+        never loaded).
+
+        `requested` may be an alias (PROMPTPIX_MODEL_ALIASES); None means
+        PROMPTPIX_DEFAULT_MODEL, else the only known model. Raises `ModelRequired` or
+        `ModelNotFound` naming the known models.
+        """
+        known = {m["id"]: m for m in self.models()}
+        if requested is None:
+            name = self.settings.default_model
+            if name is None:
+                if len(known) != 1:
+                    raise ModelRequired(
+                        "name a model: " + (", ".join(sorted(known)) or "none is registered "
+                                            "yet (start a worker or set PROMPTPIX_MODELS)"))
+                name = next(iter(known))
+        else:
+            name = self.settings.alias_map.get(requested, requested)
+            by_checksum = [m["id"] for m in known.values() if m.get("checksum") == name]
+            if name not in known and by_checksum:
+                name = by_checksum[0]  # the content hash names its model too
+        if name not in known:
+            aliases = ", ".join(f"{a}={b}" for a, b in self.settings.alias_map.items())
+            raise ModelNotFound(
+                f"model {name!r} is not known here; models: "
+                f"{', '.join(sorted(known)) or 'none'}"
+                + (f" (aliases: {aliases})" if aliases else ""))
+        return known[name]
