@@ -17,7 +17,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 
-from worker.protocol import JobStore, Settings
+from worker.protocol import JobRecord, JobStore, Settings
 
 from .errors import ApiError, not_found
 from .ratelimit import WindowCounter
@@ -147,19 +147,19 @@ PrincipalDep = Annotated[Principal, Depends(rate_limited)]
 JobIdPath = Annotated[str, Path(description="job id (32 hex digits)")]
 
 
-def find_job(job_id: str, principal: Principal, store: JobStore) -> dict[str, str]:
+def find_job(job_id: str, principal: Principal, store: JobStore) -> JobRecord:
     """The job hash, or 404 when unknown, expired or another key's (reads Redis)."""
     if not re.match(JOB_ID_PATTERN, job_id):
         raise not_found()
     job = store.get(job_id)
-    if job is None or not hmac.compare_digest(job.get("owner", ""), principal.owner):
+    if job is None or not hmac.compare_digest(job.owner, principal.owner):
         raise not_found()
     return job
 
 
-def load_job(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> dict[str, str]:
+def load_job(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> JobRecord:
     """Dependency: `find_job`."""
     return find_job(job_id, principal, store)
 
 
-JobDep = Annotated[dict[str, str], Depends(load_job)]
+JobDep = Annotated[JobRecord, Depends(load_job)]

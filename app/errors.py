@@ -49,7 +49,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: _doc("Unknown, expired or another key's job (`not_found`)"),
     413: _doc("Body over 64 KiB (`payload_too_large`)"),
     422: _doc("Invalid field, malformed JSON or wrong content type (`invalid_request`)"),
-    429: _doc("`rate_limited` or `queue_full`; see Retry-After"),
+    429: _doc("`rate_limited`, `queue_full` or `quota_exceeded`; see Retry-After"),
     503: _doc("Redis unreachable (`unavailable`); see Retry-After"),
 }
 

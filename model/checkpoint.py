@@ -131,7 +131,7 @@ def save_checkpoint(
 
 
 def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """A temporary file in the same folder, fsync, then rename over `path`."""
+    """A temporary file in the same folder, fsync, rename over `path`, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -139,6 +139,11 @@ def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 import torch
+from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from model import PromptPix
@@ -32,9 +33,13 @@ from .protocol import (
     Settings,
     parse_payload,
     rq_job_id,
+    storage_full,
 )
 
 logger = logging.getLogger(__name__)
+
+FINAL_WRITE_RETRY_S = 120.0  # how long finished images wait for a full Redis to take them
+FINAL_WRITE_BACKOFF_S = (0.2, 5.0)  # first and longest pause between two tries
 
 
 @dataclass
@@ -78,6 +83,7 @@ class _Attempt:
         self.last_write = 0.0
         self.lost = False  # the store refused our write: canceled or handed on
         self.shutdown = False  # stopped because SIGTERM's grace ran out
+        self.full_logged = False  # "Redis is full" said once per attempt
 
     def progress(self, rows_done: int, rows_total: int, partial: torch.Tensor) -> None:
         if self.hooks.get("row_delay"):
@@ -95,6 +101,13 @@ class _Attempt:
         except (redis.ConnectionError, redis.TimeoutError) as e:
             logger.warning("job %s: progress not written (Redis: %s)", self.p.job_id, e)
             return
+        except redis.ResponseError as e:
+            if not storage_full(e):
+                raise
+            if not self.full_logged:
+                logger.warning("job %s: progress not written (Redis is full)", self.p.job_id)
+            self.full_logged = True
+            return
         self.lost = self.lost or not ok
 
     def should_stop(self) -> bool:
@@ -110,15 +123,28 @@ class _Attempt:
             return False  # keep sampling; the heartbeat decides whether we are lost
 
 
+class InvalidJob(ValueError):
+    """A job this worker refused before sampling (`invalid_payload` / `invalid_request`)."""
+
+
 def generate(payload: dict[str, Any]) -> dict[str, Any]:
     """Run one attempt of a job (with PROMPTPIX_MAX_BATCH > 1, of queued jobs behind it too).
 
-    Outcomes are recorded per job in its hash. Failures (`timeout`, `out_of_memory`,
-    `model_error`) end every job of the batch and are re-raised so RQ records them too;
-    the worker keeps serving either way.
+    Outcomes are recorded per job in its hash. A job that does not parse or that this model
+    cannot run fails alone (`invalid_payload`, `invalid_request`) before it joins a batch.
+    Failures of the batch (`timeout`, `out_of_memory`, `model_error`), wherever they happen
+    from the claim to the final write, end every job of the batch not yet recorded and are
+    re-raised so RQ records them too; the worker keeps serving either way.
     """
     ctx = get_context()
-    p = parse_payload(payload)
+    try:
+        p = parse_payload(payload)
+    except PayloadError as e:
+        rq_job = get_current_job()
+        if rq_job is not None:
+            ctx.store.fail_queued(rq_job.id, JobErrorCode.INVALID_PAYLOAD, str(e))
+        metrics.JOBS_COMPLETED.labels(JobStatus.FAILED.value).inc()
+        raise
     # Announce the job in the heartbeat before claiming: the reaper then never sees a fresh
     # heartbeat without the job it just took.
     ctx.current_jobs = [p.job_id]
@@ -128,10 +154,24 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
         if claimed != "ok":
             logger.info("job %s attempt %d skipped: %s", p.job_id, p.attempt, claimed)
             return {"job_id": p.job_id, "skipped": claimed}
+        problem = _unrunnable(ctx, p)
+        if problem is not None:
+            _fail(ctx, p.job_id, p.attempt, JobErrorCode.INVALID_REQUEST, problem)
+            raise InvalidJob(problem)
         batch = [p, *_take_mates(ctx, ctx.settings.max_batch - p.params.num_images)]
         return _run(ctx, batch)
     finally:
         ctx.current_jobs = []
+
+
+def _unrunnable(ctx: WorkerContext, p: JobPayload) -> str | None:
+    """Why this model cannot run a job that parses (None: it can)."""
+    info = ctx.model_info
+    label = p.params.class_label
+    if label is not None and label >= info["num_classes"]:
+        return (f"class_label {label} is not a class of model {info['id']} "
+                f"({info['num_classes']} classes)")
+    return None
 
 
 def _model_ref(ctx: WorkerContext) -> dict[str, Any]:
@@ -142,51 +182,123 @@ def _model_ref(ctx: WorkerContext) -> dict[str, Any]:
 def _take_mates(ctx: WorkerContext, budget: int) -> list[JobPayload]:
     """Claim queued jobs, in queue order, while their images fit in `budget`.
 
-    Stops at the first job that does not fit, so no job is overtaken by a later one."""
+    Stops at the first job that does not fit, so no job is overtaken by a later one. A job
+    that does not parse or that this model cannot run is taken and failed on its own: it
+    never joins the batch, and never blocks the jobs behind it."""
     mates: list[JobPayload] = []
-    if budget < 1:
-        return mates
-    try:
-        head = ctx.store.queued_head(budget)
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        logger.warning("not batching: Redis %s", e)
-        return mates
-    for raw in head:
+    seen: set[str] = set()
+    while budget >= 1:
         try:
-            m = parse_payload(raw)
-        except PayloadError as e:
-            logger.warning("not batching a queued job with a bad payload: %s", e)
-            break  # RQ delivers it alone later, and the usual path records the failure
-        if m.params.num_images > budget:
-            break
-        ctx.current_jobs = [*ctx.current_jobs, m.job_id]  # announce before claiming
-        outcome = ctx.store.take(m.job_id, rq_job_id(m.job_id, m.attempt), ctx.worker_name,
-                                 _model_ref(ctx))
-        if outcome != "ok":
-            ctx.current_jobs = [j for j in ctx.current_jobs if j != m.job_id]
-            continue
-        mates.append(m)
-        budget -= m.params.num_images
+            # Entries failed just now are gone from the queue: look again past them.
+            head = [h for h in ctx.store.queued_head(budget + len(seen)) if h[0] not in seen]
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            logger.warning("not batching: Redis %s", e)
+            return mates
+        if not head:
+            return mates
+        for job_id, attempt, raw in head:
+            seen.add(job_id)
+            problem: tuple[JobErrorCode, str] | None = None
+            try:
+                m = parse_payload(raw)
+            except PayloadError as e:
+                problem = (JobErrorCode.INVALID_PAYLOAD, str(e))
+            else:
+                if m.params.num_images > budget:
+                    return mates
+                why = _unrunnable(ctx, m)
+                problem = None if why is None else (JobErrorCode.INVALID_REQUEST, why)
+            ctx.current_jobs = [*ctx.current_jobs, job_id]  # announce before claiming
+            outcome = ctx.store.take(job_id, rq_job_id(job_id, attempt), ctx.worker_name,
+                                     _model_ref(ctx))
+            if outcome != "ok" or problem is not None:
+                ctx.current_jobs = [j for j in ctx.current_jobs if j != job_id]
+                if outcome == "ok" and problem is not None:
+                    _fail(ctx, job_id, attempt, *problem)
+                continue
+            mates.append(m)
+            budget -= m.params.num_images
+            if budget < 1:
+                return mates
     return mates
 
 
-def _fail(ctx: WorkerContext, p: JobPayload, code: JobErrorCode, message: str) -> None:
-    recorded = ctx.store.finish(p.job_id, p.attempt, ctx.worker_name, JobStatus.FAILED,
-                                error=(code.value, message))
-    metrics.JOBS_COMPLETED.labels(JobStatus.FAILED.value).inc()
-    logger.error("job %s attempt %d failed %s: %s%s", p.job_id, p.attempt, code.value, message,
+def _fail(ctx: WorkerContext, job_id: str, attempt: int, code: JobErrorCode,
+          message: str) -> None:
+    recorded = _finish(ctx, job_id, attempt, JobStatus.FAILED, error=(code.value, message))
+    if recorded:
+        metrics.JOBS_COMPLETED.labels(JobStatus.FAILED.value).inc()
+    else:
+        _count_lost(ctx, job_id)
+    logger.error("job %s attempt %d failed %s: %s%s", job_id, attempt, code.value, message,
                  "" if recorded else " (no longer ours; not recorded)")
+
+
+def _finish(ctx: WorkerContext, job_id: str, attempt: int, status: JobStatus,
+            images: list[bytes] | None = None, error: tuple[str, str] | None = None) -> bool:
+    """The final write of one job; retried while Redis is full (or unreachable) for up to
+    FINAL_WRITE_RETRY_S, so finished images wait for room instead of being dropped.
+
+    Returns whether the job was still this attempt's. Raises the last Redis error when the
+    retries run out (the job is then still `running`, and the reaper hands it on)."""
+    deadline = time.monotonic() + FINAL_WRITE_RETRY_S
+    pause, longest = FINAL_WRITE_BACKOFF_S
+    tries = 0
+    while True:
+        try:
+            ok = ctx.store.finish(job_id, attempt, ctx.worker_name, status,
+                                  images=images or (), error=error)
+            if tries:
+                logger.warning("job %s: final write went through after %d retries", job_id,
+                               tries)
+            return ok
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:
+            full = isinstance(e, redis.ResponseError) and storage_full(e)
+            if isinstance(e, redis.ResponseError) and not full:
+                raise
+            if time.monotonic() + pause > deadline:
+                metrics.FINAL_WRITES_DROPPED.inc()
+                logger.error("job %s: final write (%s) refused for %.0f s; giving up (%s)",
+                             job_id, status.value, FINAL_WRITE_RETRY_S, e)
+                raise
+            tries += 1
+            metrics.FINAL_WRITE_RETRIES.labels("full" if full else "unreachable").inc()
+            if tries == 1:
+                logger.warning("job %s: final write (%s, %d image(s)) refused: %s; keeping "
+                               "the results and retrying for up to %.0f s", job_id,
+                               status.value, len(images or ()), "Redis is full" if full else e,
+                               FINAL_WRITE_RETRY_S)
+            time.sleep(pause)
+            pause = min(longest, pause * 2)
+
+
+def _count_lost(ctx: WorkerContext, job_id: str) -> None:
+    """Count an attempt whose job was no longer its own at the end as what it became:
+    `canceled` when the job was canceled, else handed to another attempt (not an ending)."""
+    try:
+        job = ctx.store.get(job_id)
+    except redis.RedisError:
+        job = None
+    if job is not None and job.status is JobStatus.CANCELED:
+        metrics.JOBS_COMPLETED.labels(JobStatus.CANCELED.value).inc()
+    else:
+        metrics.ATTEMPTS_HANDED_ON.inc()
 
 
 def _start(ctx: WorkerContext, p: JobPayload) -> None:
     """Queue-wait metric and the all-grey first preview of a claimed job."""
     info, params = ctx.model_info, p.params
-    job = ctx.store.get(p.job_id) or {}
-    if job.get("created_at") and job.get("started_at"):
-        metrics.QUEUE_WAIT.observe(max(0.0, float(job["started_at"]) - float(job["created_at"])))
-    ctx.store.write_progress(p.job_id, p.attempt, ctx.worker_name, 0.0,
-                             grey_preview(params.num_images, info["channels"],
-                                          info["image_size"]))
+    job = ctx.store.get(p.job_id)
+    if job is not None and job.started_at is not None:
+        metrics.QUEUE_WAIT.observe(max(0.0, job.started_at - job.created_at))
+    try:
+        ctx.store.write_progress(p.job_id, p.attempt, ctx.worker_name, 0.0,
+                                 grey_preview(params.num_images, info["channels"],
+                                              info["image_size"]))
+    except redis.ResponseError as e:
+        if not storage_full(e):
+            raise
+        logger.warning("job %s: first preview not written (Redis is full)", p.job_id)
     logger.info("job %s attempt %d running: %d image(s), seed %d", p.job_id, p.attempt,
                 params.num_images, params.seed)
 
@@ -202,65 +314,62 @@ def _request(p: JobPayload, run: _Attempt) -> SampleRequest:
 
 
 def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
-    """Sample every claimed job of `batch` in one sampling batch; record each outcome."""
+    """Sample every claimed job of `batch` in one sampling batch; record each outcome.
+
+    One handler covers the whole lifecycle, from the first preview to the last final write
+    (PNG encoding included): a job not yet recorded when something goes wrong ends with that
+    error, never left `running` for the reaper to retry as `worker_lost`."""
     info, primary = ctx.model_info, batch[0]
-    runnable: list[JobPayload] = []
-    bad_primary: ValueError | None = None
-    for p in batch:
-        _start(ctx, p)
-        label = p.params.class_label
-        if label is not None and label >= info["num_classes"]:
-            err = ValueError(f"class_label {label} is not a class of model {info['id']} "
-                             f"({info['num_classes']} classes)")
-            _fail(ctx, p, JobErrorCode.MODEL_ERROR, f"ValueError: {err}")
-            bad_primary = err if p is primary else bad_primary
-        else:
-            runnable.append(p)
-    if not runnable and bad_primary is not None:
-        raise bad_primary
-    if len(runnable) > 1:
-        logger.info("batch of %d jobs (%d images): %s", len(runnable),
-                    sum(p.params.num_images for p in runnable),
-                    " ".join(p.job_id for p in runnable))
-    metrics.BATCH_JOBS.observe(len(runnable))
-    runs = [_Attempt(ctx, p) for p in runnable]
-    start = time.perf_counter()
+    pending = {p.job_id: p for p in batch}  # claimed, outcome not recorded yet
     try:
-        requests = [_request(p, r) for p, r in zip(runnable, runs, strict=True)]
+        for p in batch:
+            _start(ctx, p)
+        if len(batch) > 1:
+            logger.info("batch of %d jobs (%d images): %s", len(batch),
+                        sum(p.params.num_images for p in batch),
+                        " ".join(p.job_id for p in batch))
+        metrics.BATCH_JOBS.observe(len(batch))
+        runs = [_Attempt(ctx, p) for p in batch]
+        start = time.perf_counter()
+        requests = [_request(p, r) for p, r in zip(batch, runs, strict=True)]
         results = generate_batch(ctx.model, requests, decoder=ctx.decoder)
+        elapsed = time.perf_counter() - start
+        records: dict[str, dict[str, Any]] = {}
+        for p, run, images in zip(batch, runs, results, strict=True):
+            records[p.job_id] = _record(ctx, p, run, images, elapsed)
+            del pending[p.job_id]
     except JobTimeoutException:
-        for p in runnable:
-            _fail(ctx, p, JobErrorCode.TIMEOUT,
+        for p in pending.values():
+            _fail(ctx, p.job_id, p.attempt, JobErrorCode.TIMEOUT,
                   f"the job ran longer than PROMPTPIX_JOB_TIMEOUT={ctx.settings.job_timeout} s")
         raise
     except torch.cuda.OutOfMemoryError as e:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        for p in runnable:
-            _fail(ctx, p, JobErrorCode.OUT_OF_MEMORY, f"out of GPU memory: {str(e)[:500]}")
+        for p in pending.values():
+            _fail(ctx, p.job_id, p.attempt, JobErrorCode.OUT_OF_MEMORY,
+                  f"out of GPU memory: {str(e)[:500]}")
         raise
     except SystemExit:
         # A second SIGTERM (cold shutdown): hand the jobs on rather than leave them running.
-        for p in runnable:
+        for p in pending.values():
             ctx.store.requeue(p.job_id, p.attempt, ctx.worker_name, lost=False)
         raise
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise  # recording needs Redis: the reaper hands these jobs on when it is back
     except Exception as e:
         # Whatever the model raised, no job may stay `running` behind a live worker.
-        for p in runnable:
-            _fail(ctx, p, JobErrorCode.MODEL_ERROR, f"{type(e).__name__}: {str(e)[:1000]}")
+        for p in pending.values():
+            _fail(ctx, p.job_id, p.attempt, JobErrorCode.MODEL_ERROR,
+                  f"{type(e).__name__}: {str(e)[:1000]}")
         raise
-    elapsed = time.perf_counter() - start
     size, channels = info["image_size"], info["channels"]
-    total_tokens = sum(p.params.num_images for p in runnable) * size * size * channels
-    records = {p.job_id: _record(ctx, p, run, images, elapsed)
-               for p, run, images in zip(runnable, runs, results, strict=True)}
+    total_tokens = sum(p.params.num_images for p in batch) * size * size * channels
     # RQ's return value: the primary job's outcome as before, plus the batch's others.
     out: dict[str, Any] = {"job_id": primary.job_id, **records.get(primary.job_id, {})}
-    if len(runnable) > 1:
+    if len(batch) > 1:
         out["batch"] = records
     metrics.TOKENS_PER_S.set(total_tokens / max(elapsed, 1e-9))
-    if bad_primary is not None:
-        raise bad_primary
     return out
 
 
@@ -274,20 +383,24 @@ def _record(ctx: WorkerContext, p: JobPayload, run: _Attempt, images: torch.Tens
             logger.warning("job %s attempt %d stopped for shutdown: %s", job_id, attempt, outcome)
             return {"requeued": outcome}
         logger.info("job %s attempt %d stopped: canceled or handed on", job_id, attempt)
-        metrics.JOBS_COMPLETED.labels(JobStatus.CANCELED.value).inc()
+        _count_lost(ctx, job_id)
         return {"stopped": True}
+    if run.hooks.get("encode_delay"):  # test hook: a slow PNG encoding (issue 14, item 13)
+        time.sleep(float(run.hooks["encode_delay"]))
     params_public = params.model_dump(mode="json")
     params_public.pop("prompt")
     seeds = params.image_seeds()
     pngs = result_pngs(images, params.prompt, seeds, params_public, ctx.model_info["id"])
-    ok = store.finish(job_id, attempt, ctx.worker_name, JobStatus.SUCCEEDED, images=pngs)
+    ok = _finish(ctx, job_id, attempt, JobStatus.SUCCEEDED, images=pngs)
     info = ctx.model_info
     tokens = params.num_images * info["image_size"] ** 2 * info["channels"]
     metrics.GENERATION.observe(elapsed)
     metrics.TOKENS.inc(tokens)
     metrics.IMAGES.inc(params.num_images)
-    metrics.JOBS_COMPLETED.labels(
-        JobStatus.SUCCEEDED.value if ok else JobStatus.CANCELED.value).inc()
+    if ok:
+        metrics.JOBS_COMPLETED.labels(JobStatus.SUCCEEDED.value).inc()
+    else:
+        _count_lost(ctx, job_id)
     logger.info("job %s attempt %d %s in %.2f s (%s)", job_id, attempt,
                 "succeeded" if ok else "finished but was no longer ours", elapsed,
                 json.dumps({"tokens_per_s": round(tokens / max(elapsed, 1e-9))}))

@@ -18,6 +18,15 @@ QUEUE_WAIT = Histogram("promptpix_queue_wait_seconds", "Submission to start of a
                        buckets=LATENCY_BUCKETS)
 GENERATION = Histogram("promptpix_generation_seconds", "Sampling time of a job",
                        buckets=LATENCY_BUCKETS)
+ATTEMPTS_HANDED_ON = Counter(
+    "promptpix_attempts_handed_on_total",
+    "Attempts that ended after their job was handed to another attempt (not a job ending)")
+FINAL_WRITE_RETRIES = Counter(
+    "promptpix_final_write_retries_total",
+    "Final writes of a job retried because Redis was full or unreachable", ["reason"])
+FINAL_WRITES_DROPPED = Counter(
+    "promptpix_final_writes_dropped_total",
+    "Final writes given up after PNGs waited the whole retry window")
 TOKENS = Counter("promptpix_tokens_generated_total", "Sub-pixel tokens sampled")
 IMAGES = Counter("promptpix_images_generated_total", "Images generated")
 TOKENS_PER_S = Gauge("promptpix_sampling_tokens_per_second", "Sub-pixels per second, last job")

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2  # bad settings, missing or corrupt checkpoint, bad device
 EXIT_METRICS = 3  # the metrics port is taken
+FULL_REDIS_PAUSE_S = 1.0  # between two tries of the RQ loop while Redis refuses writes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,9 +109,17 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
     from rq import SimpleWorker
     from rq.exceptions import StopRequested
     from rq.serializers import JSONSerializer
+    from rq.utils import now as rq_now
 
-    from . import jobs, metrics
-    from .protocol import QUEUE_NAME, JobStore, Periodic, redis_connection, start_reaper
+    from . import jobs, metrics, rq_guard
+    from .protocol import (
+        QUEUE_NAME,
+        JobStore,
+        Periodic,
+        redis_connection,
+        start_reaper,
+        storage_full,
+    )
 
     port = settings.worker_metrics_port if args.metrics_port is None else args.metrics_port
     try:
@@ -139,20 +148,39 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
         try:
             beat()
             break
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            logger.warning("Redis %s unreachable (%s); retrying", settings.redis_url_safe, e)
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:
+            if isinstance(e, redis.ResponseError) and not storage_full(e):
+                raise
+            logger.warning("Redis %s unreachable or full (%s); retrying",
+                           settings.redis_url_safe, e)
             time.sleep(min(5.0, settings.heartbeat_interval))
     heart = Periodic("promptpix-heartbeat", settings.heartbeat_interval, beat)
     heart.start()
     reaper = start_reaper(store)
 
     class PromptPixWorker(SimpleWorker):
-        """SimpleWorker: this worker's PROMPTPIX_JOB_TIMEOUT, and a deadline on shutdown."""
+        """SimpleWorker that runs only allowlisted job functions (`rq_guard`), with this
+        worker's PROMPTPIX_JOB_TIMEOUT and a deadline on shutdown."""
 
         def execute_job(self, job: Any, queue: Any) -> None:
+            reason = rq_guard.refusal(job)
+            if reason is not None:
+                _refuse(job, queue, reason, store)
+                return
             # The worker's own limit holds (it knows its hardware), not the submitter's.
             job.timeout = settings.job_timeout
             super().execute_job(job, queue)
+
+        def clean_registries(self) -> None:
+            # RQ's own cleanup runs abandoned entries' failure callbacks and webhooks.
+            for queue in self.queues:
+                if queue.acquire_maintenance_lock():
+                    rq_guard.clean_registries(queue)
+                    queue.release_maintenance_lock()
+            self.last_cleaned_at = rq_now()
+
+        def clean_group_registries(self) -> None:
+            pass  # no groups in this project; RQ's cleanup of them would run their hooks
 
         def request_stop(self, signum: int, frame: FrameType | None) -> None:
             if ctx.shutdown_deadline is None:
@@ -163,6 +191,7 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
 
     logger.info("worker %s serving queue %r (model %s)", name, QUEUE_NAME, info["id"])
     rounds = 0
+    was_full = False
     try:
         while True:
             # RQ's loop quits on any error it does not handle itself, such as Redis going
@@ -174,15 +203,28 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
                                      connection=redis_connection(settings, blocking=True))
             try:
                 worker.work(burst=args.burst, logging_level=args.log_level.upper())
+                full = False
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 logger.warning("worker %s: RQ loop lost Redis (%s)", name, e)
+                full = False
+            except redis.ResponseError as e:
+                # RQ's own bookkeeping (registering the worker, BLMOVE) is refused while
+                # Redis is full: wait for room, keep the model, never exit for it.
+                if not storage_full(e):
+                    raise
+                if not was_full:
+                    logger.warning("worker %s: Redis is full (%s); serving again when it has "
+                                   "room", name, e)
+                full = True
             finally:
                 _release_pubsub(worker)
             if args.burst or ctx.shutdown_deadline is not None:
                 break
-            logger.warning("worker %s: RQ loop ended without a stop request; serving again "
-                           "once Redis answers", name)
-            if not _wait_for_redis(store, ctx):
+            if not full:
+                logger.warning("worker %s: RQ loop ended without a stop request; serving "
+                               "again once Redis answers", name)
+            was_full = full
+            if not _wait_for_redis(store, ctx, every=FULL_REDIS_PAUSE_S if full else 0.5):
                 break
             rounds += 1
     except StopRequested:
@@ -195,6 +237,24 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
         jobs.set_context(None)
         logger.info("worker %s stopped", name)
     return 0
+
+
+def _refuse(job: Any, queue: Any, reason: str, store: Any) -> None:
+    """Fail a queue entry the worker will not run, and the promptpix job it stands for."""
+    from . import rq_guard
+    from .protocol import JobErrorCode
+
+    logger.error("refused queue entry %s (%s): %s", job.id, rq_guard.entry_fields(job), reason)
+    try:
+        rq_guard.fail_refused(job, queue, reason)
+    except Exception:  # a malformed entry must not stop the worker
+        logger.exception("queue entry %s: could not be marked failed", job.id)
+        with contextlib.suppress(Exception):
+            job.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+    outcome = store.fail_queued(job.id, JobErrorCode.INVALID_PAYLOAD,
+                                f"the queue entry was refused: {reason}")
+    if outcome is not None:
+        logger.error("queue entry %s: its job ended %s", job.id, outcome)
 
 
 def _release_pubsub(worker: Any) -> None:

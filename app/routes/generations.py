@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
 from datetime import datetime, timezone
@@ -15,8 +14,11 @@ from worker.protocol import (
     MAX_SEED,
     GenerationParams,
     IdempotencyConflict,
+    JobRecord,
     JobStatus,
     Keys,
+    QueueFull,
+    QuotaExceeded,
     canonical_json,
 )
 
@@ -43,34 +45,32 @@ router = APIRouter(prefix=PREFIX, tags=["generations"], responses=ERROR_RESPONSE
                    dependencies=[Depends(rate_limited)])
 
 
-def iso(ts: str | None) -> str | None:
+def iso(ts: float | None) -> str | None:
     """A stored unix time as ISO 8601 UTC (None for unset)."""
-    if not ts:
+    if ts is None:
         return None
-    return datetime.fromtimestamp(float(ts), tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def job_view(job: dict[str, str], store: StoreDep) -> JobView:
-    """The public view of a stored job hash."""
-    job_id = job["id"]
-    state = JobStatus(job["status"])
-    params = json.loads(job["params"])
+def job_view(job: JobRecord, store: StoreDep) -> JobView:
+    """The public view of a stored job."""
+    state = job.status
+    params = dict(job.params)
     prompt = params.pop("prompt")
-    position = store.queue_position(job["rq_id"]) if state is JobStatus.QUEUED else None
+    position = store.queue_position(job.rq_id) if state is JobStatus.QUEUED else None
     if state is JobStatus.QUEUED and position is None:
         position = 0  # just taken by a worker, not yet marked running
-    model = JobModel(**json.loads(job["model"])) if job.get("model") else None
-    n_images = int(job.get("images") or 0) if state is JobStatus.SUCCEEDED else 0
-    error = (JobErrorOut(code=job["error_code"], message=job.get("error_message", ""))
-             if job.get("error_code") else None)
+    n_images = job.images if state is JobStatus.SUCCEEDED else 0
+    error = (JobErrorOut(code=job.error_code, message=job.error_message)
+             if job.error_code else None)
     return JobView(
-        id=job_id, status=state.value, attempt=int(job["attempt"]),
-        progress=float(job.get("progress") or 0.0), queue_position=position,
-        prompt=prompt, params=params, model=model,
-        created_at=iso(job["created_at"]) or "", started_at=iso(job.get("started_at")),
-        finished_at=iso(job.get("finished_at")),
-        images=[f"{PREFIX}/{job_id}/images/{n}.png" for n in range(n_images)],
-        preview_url=f"{PREFIX}/{job_id}/preview.png" if job.get("has_preview") == "1" else None,
+        id=job.id, status=state.value, attempt=job.attempt, progress=job.progress,
+        queue_position=position, prompt=prompt, params=params,
+        model=JobModel(**job.model) if job.model else None,
+        created_at=iso(job.created_at) or "", started_at=iso(job.started_at),
+        finished_at=iso(job.finished_at),
+        images=[f"{PREFIX}/{job.id}/images/{n}.png" for n in range(n_images)],
+        preview_url=f"{PREFIX}/{job.id}/preview.png" if job.has_preview else None,
         error=error,
     )
 
@@ -112,16 +112,20 @@ def submit(
                            "Idempotency-Key")
         body_hash = hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest()
         idem = (Keys.idempotency(principal.owner or "global", idempotency_key), body_hash)
-    if store.queue_depth() >= settings.max_queue:
-        raise ApiError(429, "queue_full", f"{settings.max_queue} jobs are waiting; retry later",
-                       headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
     params = GenerationParams(**{**body.model_dump(), "seed": seed})
+    retry_after = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
     try:
-        job_id, created = store.create_job(params, owner=principal.owner, idempotency=idem)
+        # One Redis step: Idempotency-Key lookup, then MAX_QUEUE and the caller's cap.
+        job_id, created = store.create_job(params, owner=principal.owner, idempotency=idem,
+                                           quota_who=principal.who)
     except IdempotencyConflict as e:
         raise ApiError(409, "idempotency_conflict",
                        "this Idempotency-Key was used with a different body") from e
+    except QueueFull as e:
+        raise ApiError(429, "queue_full", str(e), headers=retry_after) from e
+    except QuotaExceeded as e:
+        raise ApiError(429, "quota_exceeded", str(e), headers=retry_after) from e
     job = store.get(job_id)
     if job is None:  # expired between the two reads: only possible with a tiny RESULT_TTL
         raise not_found()
@@ -131,8 +135,8 @@ def submit(
         response.status_code = status.HTTP_200_OK
     url = f"{PREFIX}/{job_id}"
     response.headers["Location"] = url
-    return JobCreated(id=job_id, status=job["status"], created_at=iso(job["created_at"]) or "",
-                      status_url=url, seed=int(json.loads(job["params"])["seed"]))
+    return JobCreated(id=job_id, status=job.status.value, created_at=iso(job.created_at) or "",
+                      status_url=url, seed=int(job.params["seed"]))
 
 
 @router.get("/{job_id}", response_model=JobView)
@@ -150,12 +154,12 @@ def get_job(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> Resp
                                 "description": "`not_cancelable`"}})
 def cancel_job(job: JobDep, store: StoreDep) -> JobView:
     """Cancel: a queued job never runs; a running job stops within one row."""
-    outcome = store.cancel(job["id"])
+    outcome = store.cancel(job.id)
     if outcome == "missing":
         raise not_found()
     if outcome != "ok":
         raise ApiError(409, "not_cancelable", f"the job already ended ({outcome})")
-    fresh = store.get(job["id"])
+    fresh = store.get(job.id)
     if fresh is None:
         raise not_found()
     return job_view(fresh, store)
@@ -167,9 +171,9 @@ _PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 @router.get("/{job_id}/images/{n}.png", response_class=Response, responses=_PNG)
 def get_image(job: JobDep, n: int, store: StoreDep) -> Response:
     """Image `n` (from 0) of a succeeded job, with prompt, seed, params and model id inside."""
-    if job["status"] != JobStatus.SUCCEEDED.value or not 0 <= n < int(job.get("images") or 0):
+    if job.status is not JobStatus.SUCCEEDED or not 0 <= n < job.images:
         raise not_found("image")
-    data = store.get_blob(Keys.image(job["id"], n))
+    data = store.get_blob(Keys.image(job.id, n))
     if data is None:
         raise not_found("image")
     return Response(data, media_type="image/png",
@@ -179,7 +183,7 @@ def get_image(job: JobDep, n: int, store: StoreDep) -> Response:
 @router.get("/{job_id}/preview.png", response_class=Response, responses=_PNG)
 def get_preview(job: JobDep, store: StoreDep) -> Response:
     """All images of the job side by side: rows sampled so far, the rest grey."""
-    data = store.get_blob(Keys.preview(job["id"])) if job.get("has_preview") == "1" else None
+    data = store.get_blob(Keys.preview(job.id)) if job.has_preview else None
     if data is None:
         raise not_found("preview")
     return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -176,12 +176,13 @@ def test_oom_fails_job_and_worker_keeps_serving(stack: Stack) -> None:
     assert ok["status"] == "succeeded"
 
 
-def test_model_error(stack: Stack) -> None:
-    # class_label 3 on a model without classes: the API refuses it, the worker too.
+def test_class_label_the_model_lacks(stack: Stack) -> None:
+    # class_label 3 on a model without classes: the API refuses it, the worker too (the job
+    # fails alone with `invalid_request`, API.md "Errors a job can end with").
     r = stack.http.post("/v1/generations", json={"prompt": "x", "class_label": 3})
     assert r.status_code == 422 and r.json()["error"]["field"] == "class_label"
     job = poll_job(stack.http, stack.submit_with_hooks({}, class_label=3), finished)
-    assert job["status"] == "failed" and job["error"]["code"] == "model_error"
+    assert job["status"] == "failed" and job["error"]["code"] == "invalid_request"
 
 
 def test_timeout(stack: Stack) -> None:

@@ -167,7 +167,7 @@ def test_entry_taken_but_never_claimed_is_requeued(redis_url: str) -> None:
     time.sleep(0.35)
     assert [j for j, _ in store.reap_orphans()] == [job_id]
     job = store.get(job_id)
-    assert job["status"] == "queued" and job["attempt"] == "2" and job["retries"] == "0"
+    assert job.status == "queued" and job.attempt == 2 and job.retries == 0
     assert store.queue_position(rq_job_id(job_id, 2)) == 0
     assert store.r.llen(store.queue.intermediate_queue_key) == 0
     assert store.reap_orphans() == []

@@ -69,13 +69,13 @@ def _kill_rounds(tmp: Path, checkpoint: Path, jobs: int, kills: int, liveness: d
                 live = {w["name"]: w for w in store.live_workers()}
                 pending = 0
                 for job_id in ids:
-                    job = store.get(job_id) or {}
-                    if job.get("status") in ("queued", "running"):
+                    job = store.get(job_id)
+                    if job is not None and job.status in ("queued", "running"):
                         pending += 1
-                    w = live.get(job.get("worker", ""))
-                    if job.get("status") == "running" and w and w["pid"] in procs \
+                    w = live.get(job.worker)
+                    if job.status == "running" and w and w["pid"] in procs \
                             and procs[w["pid"]].alive():
-                        return job_id, procs[w["pid"]], int(job["attempt"])
+                        return job_id, procs[w["pid"]], job.attempt
                 return None if pending else "all done"
 
             found = wait_for(running, 60, "a worker on a job")
@@ -87,8 +87,8 @@ def _kill_rounds(tmp: Path, checkpoint: Path, jobs: int, kills: int, liveness: d
             t_kill = time.monotonic()
 
             def noticed(job_id: str = job_id, attempt: int = attempt) -> bool:
-                job = store.get(job_id) or {}
-                return job.get("status") != "running" or int(job["attempt"]) != attempt
+                job = store.get(job_id)
+                return job is None or job.status != "running" or job.attempt != attempt
 
             wait_for(noticed, DETECT_LIMIT_S, f"the kill of {job_id}'s worker to be noticed",
                      every=0.02)

@@ -189,10 +189,10 @@ def test_minilm_checkpoint_serves_through_a_worker(minilm_run: dict[str, Any], r
         info = next(w for w in store.live_workers() if w["name"] == name)
         assert info["model_id"] == meta["model_id"]
         job_id, _ = store.create_job(GenerationParams(prompt="a crimson ball", seed=3))
-        job = wait_for(lambda: (j := store.get(job_id)) and j["status"] in
+        job = wait_for(lambda: (j := store.get(job_id)) and j.status in
                        ("succeeded", "failed") and j, 120, "the job to finish")
-        assert job["status"] == "succeeded", job
-        assert int(job["images"]) == 1
+        assert job.status == "succeeded", job
+        assert job.images == 1
     finally:
         worker.stop()
     assert "network disabled" not in worker.log()

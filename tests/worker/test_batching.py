@@ -15,7 +15,7 @@ from tests.worker.helpers import (
     wait_for,
     wait_worker_ready,
 )
-from worker.protocol import GenerationParams, JobStatus, JobStore, Keys, Settings
+from worker.protocol import GenerationParams, JobStore, Keys, Settings
 
 # Different parameters per job on purpose: the batched sampler keeps each job's own.
 JOBS = [
@@ -51,11 +51,11 @@ def _worker(redis_url: str, checkpoint: Path, log: Path, procs: list[Proc], **en
 
 
 def _done(store: JobStore, ids: list[str]) -> bool:
-    return all(JobStatus((store.get(j) or {})["status"]).finished for j in ids)
+    return all(store.get(j).status.finished for j in ids)
 
 
 def _pngs(store: JobStore, job_id: str) -> list[bytes]:
-    n = int((store.get(job_id) or {})["images"])
+    n = store.get(job_id).images
     return [store.get_blob(Keys.image(job_id, k)) or b"" for k in range(n)]
 
 
@@ -69,7 +69,7 @@ def test_queued_jobs_share_one_batch_and_match_solo_runs(
     wait_for(lambda: _done(store, ids), 60, "the batched jobs")
     batched = {j: _pngs(store, j) for j in ids}
     assert [len(batched[j]) for j in ids] == [j["num_images"] for j in JOBS]
-    assert all(store.get(j)["status"] == "succeeded" for j in ids)
+    assert all(store.get(j).status == "succeeded" for j in ids)
     assert f"batch of 3 jobs (6 images): {' '.join(ids)}" in w.log()
     assert store.queue_depth() == 0  # the mates' queue entries went with them
     w.stop()
@@ -92,12 +92,12 @@ def test_cancel_one_job_of_a_batch(
                             test_hooks={"row_delay": 0.3})[0]
     other = store.create_job(GenerationParams(prompt="a blue square", num_images=3, seed=2))[0]
     w = _worker(redis_url, checkpoint, tmp_path / "cancel.log", procs, PROMPTPIX_MAX_BATCH="8")
-    wait_for(lambda: float((store.get(slow) or {}).get("progress") or 0) > 0, 30,
+    wait_for(lambda: store.get(slow).progress > 0, 30,
              "the batch to start")
-    assert store.get(other)["status"] == "running"
+    assert store.get(other).status == "running"
     assert store.cancel(slow) == "ok"
     wait_for(lambda: _done(store, [slow, other]), 30, "the other job")
-    assert store.get(slow)["status"] == "canceled"
-    assert store.get(other)["status"] == "succeeded" and len(_pngs(store, other)) == 3
+    assert store.get(slow).status == "canceled"
+    assert store.get(other).status == "succeeded" and len(_pngs(store, other)) == 3
     assert "batch of 2 jobs (5 images)" in w.log()
     assert f"job {slow} attempt 1 stopped" in w.log()

@@ -47,12 +47,12 @@ def test_claim_progress_finish(store: JobStore) -> None:
     assert store.claim(job_id, rq_job_id(job_id, 1), "w2", MODEL) == "running"
     assert store.write_progress(job_id, 1, "w1", 0.5, b"png")
     assert store.write_progress(job_id, 1, "w1", 0.25, None)  # never decreases
-    assert store.get(job_id)["progress"] == "0.5"
+    assert store.get(job_id).progress == 0.5
     assert not store.write_progress(job_id, 1, "w2", 0.9, None)  # not the owner
     assert not store.should_stop(job_id, 1, "w1") and store.should_stop(job_id, 1, "w2")
     assert store.finish(job_id, 1, "w1", JobStatus.SUCCEEDED, images=[b"a", b"b"])
     job = store.get(job_id)
-    assert job["status"] == "succeeded" and job["images"] == "2" and job["progress"] == "1"
+    assert job.status == "succeeded" and job.images == 2 and job.progress == 1
     assert store.get_blob(Keys.image(job_id, 1)) == b"b"
     assert 0 < store.r.ttl(Keys.image(job_id, 0)) <= store.settings.result_ttl
     assert not store.r.sismember(Keys.running, job_id)
@@ -64,7 +64,7 @@ def test_cancel_running_fences_worker(store: JobStore) -> None:
     assert store.cancel(job_id) == "ok"
     assert store.should_stop(job_id, 1, "w1")
     assert not store.finish(job_id, 1, "w1", JobStatus.SUCCEEDED, images=[b"x"])
-    assert store.get(job_id)["status"] == "canceled"
+    assert store.get(job_id).status == "canceled"
     assert store.cancel(job_id) == "canceled"
 
 
@@ -79,8 +79,8 @@ def test_reaper_requeues_at_front_then_fails(store: JobStore) -> None:
     store.r.delete(Keys.worker("w1"))  # the worker died: its key expired
     assert reap_once(store) == [(job_id, "requeued")]
     job = store.get(job_id)
-    assert job["status"] == "queued" and job["attempt"] == "2" and job["progress"] == "0"
-    assert job["has_preview"] == "0" and store.get_blob(Keys.preview(job_id)) is None
+    assert job.status == "queued" and job.attempt == 2 and job.progress == 0
+    assert not job.has_preview and store.get_blob(Keys.preview(job_id)) is None
     assert store.queue_position(rq_job_id(job_id, 2)) == 0  # front, before `other`
     assert store.queue_position(rq_job_id(other, 1)) == 1
     # The lost attempt can no longer write anything.
@@ -92,7 +92,7 @@ def test_reaper_requeues_at_front_then_fails(store: JobStore) -> None:
     store.r.delete(Keys.worker("w2"))
     assert store.reap() == [(job_id, "failed")]
     job = store.get(job_id)
-    assert job["status"] == "failed" and job["error_code"] == "worker_lost"
+    assert job.status == "failed" and job.error_code == "worker_lost"
     assert store.reap() == []
 
 
@@ -118,7 +118,7 @@ def test_shutdown_requeue_does_not_count(store: JobStore) -> None:
     store.claim(job_id, rq_job_id(job_id, 1), "w1", MODEL)
     assert store.requeue(job_id, 1, "w1", lost=False) == "requeued"
     job = store.get(job_id)
-    assert job["attempt"] == "2" and job["retries"] == "0"
+    assert job.attempt == 2 and job.retries == 0
     assert store.requeue(job_id, 1, "w1", lost=False) == "skip"
 
 
@@ -144,3 +144,87 @@ def test_payload_validation() -> None:
                 {**good, "params": {**good["params"], "seed": -1}}, [good], None):
         with pytest.raises(PayloadError):
             parse_payload(bad)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("top_k", 1180591620717411303424), ("top_k", 257), ("num_images", 257),
+    ("guidance_scale", 1e300), ("class_label", 2**40), ("prompt", "a" * 10001),
+    ("seed", 2**53),
+])
+def test_payload_numbers_are_bounded(field: str, value: object) -> None:
+    """Every number a client sets is bounded in the shared schema (issue 14, item 9)."""
+    good = {"job_id": "a" * 32, "attempt": 1,
+            "params": json.loads(params().model_dump_json())}
+    with pytest.raises(PayloadError, match=field):
+        parse_payload({**good, "params": {**good["params"], field: value}})
+
+
+def _age(store: JobStore, job_id: str, idem: str | None = None, left_s: int = 5) -> None:
+    """Make a job look created long ago: little of its creation-time TTL is left."""
+    for key in (Keys.job(job_id), Keys.preview(job_id), idem):
+        if key:
+            store.r.expire(key, left_s)
+
+
+def test_canceled_job_stays_readable_for_result_ttl(store: JobStore) -> None:
+    """Issue 14 item 15: the TTL is refreshed when a job ends canceled."""
+    queued, _ = store.create_job(params(1), idempotency=("promptpix:idem:t:1", "h"))
+    running, _ = store.create_job(params(2))
+    assert store.claim(running, rq_job_id(running, 1), "w1", MODEL) == "ok"
+    store.write_progress(running, 1, "w1", 0.5, b"png")
+    for job_id in (queued, running):
+        _age(store, job_id, "promptpix:idem:t:1" if job_id == queued else None)
+        assert store.cancel(job_id) == "ok"
+        assert store.r.ttl(Keys.job(job_id)) > store.settings.result_ttl - 10
+    assert store.r.ttl("promptpix:idem:t:1") > store.settings.result_ttl - 10
+    assert store.r.ttl(Keys.preview(running)) > store.settings.result_ttl - 10
+
+
+def test_reaper_failed_job_stays_readable_for_result_ttl(store: JobStore) -> None:
+    job_id, _ = store.create_job(params(), idempotency=("promptpix:idem:t:2", "h"))
+    store.r.lrem(store.queue.key, 0, rq_job_id(job_id, 1))
+    for attempt, worker in ((1, "w1"), (2, "w2")):  # max_retries=1: the second loss fails it
+        beat(store, worker, job_id)
+        assert store.claim(job_id, rq_job_id(job_id, attempt), worker, MODEL) == "ok"
+        store.r.lrem(store.queue.key, 0, rq_job_id(job_id, attempt + 1))
+        store.r.delete(Keys.worker(worker))
+        if attempt == 2:
+            _age(store, job_id, "promptpix:idem:t:2")
+        store.reap()
+    assert store.get(job_id).error_code == "worker_lost"
+    assert store.r.ttl(Keys.job(job_id)) > store.settings.result_ttl - 10
+    assert store.r.ttl("promptpix:idem:t:2") > store.settings.result_ttl - 10
+
+
+def test_caller_cap_counts_waiting_jobs_only(redis_url: str) -> None:
+    """Issue 14 item 10: a started, canceled or handed-back job frees or keeps no slot."""
+    from worker.protocol import QuotaExceeded
+
+    s = Settings(redis_url=redis_url, max_queued_per_key=2, max_retries=5)
+    store = JobStore(redis.Redis.from_url(redis_url), s)
+    a, _ = store.create_job(params(1), quota_who="key:x")
+    b, _ = store.create_job(params(2), quota_who="key:x")
+    with pytest.raises(QuotaExceeded):
+        store.create_job(params(3), quota_who="key:x")
+    store.create_job(params(3), quota_who="key:y")  # another caller
+    assert store.claim(a, rq_job_id(a, 1), "w1", MODEL) == "ok"  # started: slot freed
+    c, _ = store.create_job(params(4), quota_who="key:x")
+    assert store.cancel(c) == "ok"  # canceled: slot freed
+    d, _ = store.create_job(params(5), quota_who="key:x")
+    # `a` handed back to the queue (worker lost) is not admitted again: no slot taken...
+    assert store.requeue(a, 1, "w1", lost=True) == "requeued"
+    with pytest.raises(QuotaExceeded):  # ...b and d wait: the cap of 2 is reached
+        store.create_job(params(6), quota_who="key:x")
+    assert {b, d} == {j.decode() for j in store.r.zrange(Keys.queued_by("key:x"), 0, -1)}
+
+
+def test_admitted_job_without_queue_entry_is_enqueued_by_the_reaper(store: JobStore) -> None:
+    """The API dying between admission and the RQ write leaves no job behind forever."""
+    job_id, _ = store.create_job(params())
+    store.r.delete(f"rq:job:{rq_job_id(job_id, 1)}")
+    store.r.lrem(store.queue.key, 0, rq_job_id(job_id, 1))
+    store.r.zadd(Keys.queued, {job_id: time.time() - 60})  # admitted a minute ago
+    assert store.reap_orphans() == [
+        (job_id, "enqueued (admitted, its queue entry never written)")]
+    assert store.queue_position(rq_job_id(job_id, 2)) == 0
+    assert store.get(job_id).attempt == 2

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import redis
 
-from .store import JobStore
+from .store import JobStore, storage_full
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +32,18 @@ class Periodic(threading.Thread):
             try:
                 self.fn()
                 if self._failing:
-                    logger.info("%s: Redis reachable again", self.name)
+                    logger.info("%s: Redis reachable and writable again", self.name)
                 self._failing = False
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 if not self._failing:
                     logger.warning("%s: Redis unreachable (%s); retrying", self.name, e)
                 self._failing = True
+            except redis.ResponseError as e:
+                if not storage_full(e):
+                    logger.exception("%s: iteration failed", self.name)
+                elif not self._failing:
+                    logger.warning("%s: Redis is full (%s); retrying", self.name, e)
+                    self._failing = True
             except Exception:  # a bug must not silently stop liveness for the whole process
                 logger.exception("%s: iteration failed", self.name)
             self._stop_event.wait(self.interval)

@@ -18,9 +18,31 @@ QUEUE_NAME = "generate"
 JOB_FUNC = "worker.jobs.generate"  # dotted path: RQ imports it by name, never unpickles code
 KEY_PREFIX = "promptpix"
 MAX_SEED = 2**53  # seeds are exact integers in JavaScript below this
+# Bounds of every client number, so nothing unbounded reaches torch (settings may lower the
+# prompt length and image count further; the worker checks a label against its model).
+MAX_TOP_K = 256  # one sub-pixel has 256 values: a larger top_k filters nothing
+MAX_IMAGES = 256  # PROMPTPIX_MAX_IMAGES may not exceed it
+MAX_PROMPT_CHARS = 10000  # PROMPTPIX_MAX_PROMPT_CHARS may not exceed it
+MAX_GUIDANCE_SCALE = 100.0
+MAX_CLASS_LABEL = 2**20  # far above any model's classes; the exact check is per model
 MAX_BODY_BYTES = 64 * 1024
 PROGRESS_MIN_INTERVAL_S = 0.25  # progress + preview written at most 4x a second
 HEARTBEAT_TTL_FACTOR = 3  # a worker key lives 3 heartbeat intervals (5 s -> 15 s)
+
+
+class JobKind(str, Enum):
+    """What a job asks for (API.md "Job kinds"); a sampling batch holds one kind."""
+
+    GENERATE = "generate"
+    SCORE = "score"
+
+
+# The one function a worker may run for each kind (dotted paths, compared as text before
+# RQ imports anything): whoever can write to the queue must not choose the code it runs.
+JOB_FUNCS: dict[JobKind, str] = {
+    JobKind.GENERATE: JOB_FUNC,
+    JobKind.SCORE: "worker.jobs.score",
+}
 
 
 class JobStatus(str, Enum):
@@ -37,6 +59,26 @@ class JobStatus(str, Enum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
+class Transition(str, Enum):
+    """Why a store transition did or did not happen (besides a job's own `JobStatus`, which
+    a refused transition returns when the job is already past the state it needs)."""
+
+    OK = "ok"
+    MISSING = "missing"  # no such job (never existed, or expired)
+    STALE = "stale"  # the job is on another attempt than this queue entry's
+    GONE = "gone"  # another worker took the queue entry first
+
+
+class Admission(str, Enum):
+    """What the enqueue transaction did with a submission."""
+
+    CREATED = "created"
+    EXISTING = "existing"  # same Idempotency-Key and body: the original job
+    CONFLICT = "conflict"  # same Idempotency-Key, another body
+    QUEUE_FULL = "queue_full"  # PROMPTPIX_MAX_QUEUE jobs wait
+    QUOTA_EXCEEDED = "quota_exceeded"  # PROMPTPIX_MAX_QUEUED_PER_KEY jobs of this caller wait
+
+
 class JobErrorCode(str, Enum):
     """Why a job ended `failed` (only `worker_lost` is ever retried, by the reaper)."""
 
@@ -44,7 +86,8 @@ class JobErrorCode(str, Enum):
     TIMEOUT = "timeout"
     MODEL_ERROR = "model_error"
     OUT_OF_MEMORY = "out_of_memory"
-    INVALID_PAYLOAD = "invalid_payload"
+    INVALID_PAYLOAD = "invalid_payload"  # the stored payload does not parse (bounds included)
+    INVALID_REQUEST = "invalid_request"  # it parses, but this model cannot run it
 
 
 class ProtocolError(Exception):
@@ -55,18 +98,42 @@ class PayloadError(ProtocolError):
     """A job payload read from Redis does not match `JobPayload`."""
 
 
+class QueueFull(ProtocolError):
+    """PROMPTPIX_MAX_QUEUE jobs are waiting (all callers, all models)."""
+
+
+class QuotaExceeded(ProtocolError):
+    """PROMPTPIX_MAX_QUEUED_PER_KEY jobs of this caller are waiting."""
+
+
+class IdempotencyConflict(ProtocolError):
+    """The Idempotency-Key was used before with a different body (holds the old job id)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"Idempotency-Key already used for job {job_id} with another body")
+        self.job_id = job_id
+
+
 # ---------------------------------------------------------------------------------------
 # Redis key names (one place, so API replicas and workers can never disagree)
 class Keys:
     """Redis key names; every key the service owns starts with `promptpix:`."""
 
     running = f"{KEY_PREFIX}:running"  # set of job ids in `running`
+    # zset job id -> admission time: jobs admitted and not started yet (MAX_QUEUE counts
+    # them; a job handed back to the queue is not admitted again, so not counted again)
+    queued = f"{KEY_PREFIX}:queued"
     workers = f"{KEY_PREFIX}:workers"  # zset worker name -> last heartbeat (unix s)
     reaper_lock = f"{KEY_PREFIX}:reaper:lock"
 
     @staticmethod
     def job(job_id: str) -> str:
         return f"{KEY_PREFIX}:job:{job_id}"
+
+    @staticmethod
+    def queued_by(who: str) -> str:
+        """zset of one key's (or client address's) admitted, not started jobs."""
+        return f"{KEY_PREFIX}:queued:{who}"
 
     @staticmethod
     def image(job_id: str, n: int) -> str:
@@ -107,13 +174,15 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1, description="text, not only whitespace")
-    num_images: int = Field(1, ge=1)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
+                        description="text, not only whitespace")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     temperature: float = Field(1.0, gt=0.0, le=2.0)
-    top_k: int = Field(0, ge=0, description="0 = off")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    guidance_scale: float | None = Field(None, ge=1.0, description="null = the model's default")
-    class_label: int | None = Field(None, ge=0)
+    guidance_scale: float | None = Field(None, ge=1.0, le=MAX_GUIDANCE_SCALE,
+                                         description="null = the model's default")
+    class_label: int | None = Field(None, ge=0, lt=MAX_CLASS_LABEL)
 
     @field_validator("prompt")
     @classmethod
@@ -149,7 +218,7 @@ class JobPayload(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     job_id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=1_000_000)
     params: GenerationParams
     # Honoured by the worker only when PROMPTPIX_TEST_HOOKS=1; the API never sets it.
     test_hooks: dict[str, float | bool] | None = None

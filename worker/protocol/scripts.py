@@ -1,42 +1,71 @@
 """The Lua scripts behind the store's atomic transitions (each runs as one Redis step).
 
 Every script that a worker runs on a job checks (status, worker, attempt) first, so a
-worker the reaper gave up on never writes over the job's next attempt.
+worker the reaper gave up on never writes over the job's next attempt. Status names,
+outcomes and key names are formatted in from `schema` (no literal of them here), so the
+scripts and the Python side cannot disagree.
 """
 
-# KEYS: job hash, running set. ARGV: rq id, worker, now, model json, job id.
-CLAIM = """
+from __future__ import annotations
+
+from string import Template
+
+from .schema import Admission, JobStatus, Keys, Transition
+
+
+def _lua(source: str) -> str:
+    names = {f"S_{s.name}": f"'{s.value}'" for s in JobStatus}
+    names |= {f"T_{t.name}": f"'{t.value}'" for t in Transition}
+    names |= {f"A_{a.name}": f"'{a.value}'" for a in Admission}
+    names["JOB_PREFIX"] = f"'{Keys.job('')}'"
+    return Template(source).substitute(names)
+
+
+# Leaving `queued` (claimed, taken, canceled, failed): the job no longer counts against
+# MAX_QUEUE (KEYS[q]) nor its caller's cap (the zset named in its `quota` field).
+_UNQUEUE = """
+local function unqueue(job_key, queued_key, job_id)
+  redis.call('ZREM', queued_key, job_id)
+  local quota = redis.call('HGET', job_key, 'quota')
+  if quota and quota ~= '' then redis.call('ZREM', quota, job_id) end
+end
+"""
+
+# KEYS: job hash, running set, queued zset. ARGV: rq id, worker, now, model json, job id.
+CLAIM = _lua(_UNQUEUE + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id')
-if not s[1] then return 'missing' end
-if s[1] ~= 'queued' then return s[1] end
-if s[2] ~= ARGV[1] then return 'stale' end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3],
+if not s[1] then return $T_MISSING end
+if s[1] ~= $S_QUEUED then return s[1] end
+if s[2] ~= ARGV[1] then return $T_STALE end
+redis.call('HSET', KEYS[1], 'status', $S_RUNNING, 'worker', ARGV[2], 'started_at', ARGV[3],
            'progress', '0', 'model', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[5])
-return 'ok'
-"""
+unqueue(KEYS[1], KEYS[3], ARGV[5])
+return $T_OK
+""")
 
 # A queued job taken straight from the queue into a running batch (PROMPTPIX_MAX_BATCH):
 # its queue entry and RQ job go, so no other worker pops it. LREM finding nothing means
 # another worker popped it first: that one claims it the usual way.
-# KEYS: job hash, running set, queue list, RQ job hash. ARGV as CLAIM.
-TAKE = """
+# KEYS: job hash, running set, queue list, RQ job hash, queued zset. ARGV as CLAIM.
+TAKE = _lua(_UNQUEUE + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id')
-if not s[1] then return 'missing' end
-if s[1] ~= 'queued' then return s[1] end
-if s[2] ~= ARGV[1] then return 'stale' end
-if redis.call('LREM', KEYS[3], 1, ARGV[1]) == 0 then return 'gone' end
+if not s[1] then return $T_MISSING end
+if s[1] ~= $S_QUEUED then return s[1] end
+if s[2] ~= ARGV[1] then return $T_STALE end
+if redis.call('LREM', KEYS[3], 1, ARGV[1]) == 0 then return $T_GONE end
 redis.call('DEL', KEYS[4])
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3],
+redis.call('HSET', KEYS[1], 'status', $S_RUNNING, 'worker', ARGV[2], 'started_at', ARGV[3],
            'progress', '0', 'model', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[5])
-return 'ok'
-"""
+unqueue(KEYS[1], KEYS[5], ARGV[5])
+return $T_OK
+""")
 
 # KEYS: job hash, preview. ARGV: worker, attempt, progress, preview png ('' = none), ttl.
-PROGRESS = """
+PROGRESS = _lua("""
 local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', 'progress')
-if s[1] ~= 'running' or s[2] ~= ARGV[1] or s[3] ~= ARGV[2] then return 0 end
+if s[1] ~= $S_RUNNING or s[2] ~= ARGV[1] or s[3] ~= ARGV[2] then return 0 end
 if tonumber(ARGV[3]) > tonumber(s[4] or '0') then
   redis.call('HSET', KEYS[1], 'progress', ARGV[3])
 end
@@ -45,37 +74,106 @@ if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'has_preview', '1')
 end
 return 1
-"""
+""")
 
 # KEYS: job hash, running set, preview, image keys... ARGV: worker, attempt, status, now,
 # ttl, error code, error message, job id, pngs... (one per image key)
-FINISH = """
+FINISH = _lua("""
 local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', 'idem')
-if s[1] ~= 'running' or s[2] ~= ARGV[1] or s[3] ~= ARGV[2] then return 0 end
+if s[1] ~= $S_RUNNING or s[2] ~= ARGV[1] or s[3] ~= ARGV[2] then return 0 end
 local n = #KEYS - 3
 for i = 1, n do
   redis.call('SET', KEYS[3 + i], ARGV[8 + i], 'EX', ARGV[5])
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'finished_at', ARGV[4], 'images', tostring(n),
            'error_code', ARGV[6], 'error_message', ARGV[7])
-if ARGV[3] == 'succeeded' then redis.call('HSET', KEYS[1], 'progress', '1') end
+if ARGV[3] == $S_SUCCEEDED then redis.call('HSET', KEYS[1], 'progress', '1') end
 redis.call('SREM', KEYS[2], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 if s[4] and s[4] ~= '' then redis.call('EXPIRE', s[4], ARGV[5]) end
 return 1
-"""
+""")
 
-# KEYS: job hash, queue list, running set. ARGV: now, job id.
-CANCEL = """
-local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id')
-if not s[1] then return 'missing' end
-if s[1] == 'queued' then
+# A canceled job stays readable for the result TTL from now, as a finished one does.
+# KEYS: job hash, queue list, running set, preview, queued zset. ARGV: now, job id, ttl.
+CANCEL = _lua(_UNQUEUE + """
+local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id', 'idem')
+if not s[1] then return $T_MISSING end
+if s[1] == $S_QUEUED then
   redis.call('LREM', KEYS[2], 0, s[2])
-elseif s[1] ~= 'running' then
+  unqueue(KEYS[1], KEYS[5], ARGV[2])
+elseif s[1] ~= $S_RUNNING then
   return s[1]
 end
-redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', $S_CANCELED, 'finished_at', ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[2])
-return 'ok'
-"""
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+if s[3] and s[3] ~= '' then redis.call('EXPIRE', s[3], ARGV[3]) end
+return $T_OK
+""")
+
+# A queued attempt whose queue entry cannot run (refused, or its payload does not parse):
+# it ends `failed` now rather than stay `queued` until its TTL.
+# KEYS: job hash, queued zset. ARGV: rq id, now, ttl, error code, error message, job id.
+FAIL_QUEUED = _lua(_UNQUEUE + """
+local s = redis.call('HMGET', KEYS[1], 'status', 'rq_id', 'idem')
+if not s[1] then return $T_MISSING end
+if s[1] ~= $S_QUEUED then return s[1] end
+if s[2] ~= ARGV[1] then return $T_STALE end
+redis.call('HSET', KEYS[1], 'status', $S_FAILED, 'finished_at', ARGV[2],
+           'error_code', ARGV[4], 'error_message', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if s[3] and s[3] ~= '' then redis.call('EXPIRE', s[3], ARGV[3]) end
+unqueue(KEYS[1], KEYS[2], ARGV[6])
+return $T_OK
+""")
+
+# Admission of a submission, one step: the Idempotency-Key lookup first (a retry of an
+# accepted job always gets that job, whatever the queue holds now), then MAX_QUEUE and the
+# caller's cap, then the job hash. The RQ entry follows in the store's next step.
+# A count at its cap is checked again after dropping members that no longer wait (ended,
+# started or expired without passing through a transition that removes them).
+# KEYS: idem key (or the job key when there is none), job hash, queued zset, caller's zset
+# (or the job key when uncapped).
+# ARGV: idem? ('1'/''), body hash, job id, now, ttl, max queue, caller cap (0 = none),
+#       then the job hash's fields and values.
+ADMIT = _lua("""
+if ARGV[1] == '1' then
+  local found = redis.call('GET', KEYS[1])
+  if found then
+    local old_id, old_hash = string.match(found, '^([^:]*):(.*)$$')
+    if old_id and redis.call('EXISTS', $JOB_PREFIX .. old_id) == 1 then
+      if old_hash ~= ARGV[2] then return {$A_CONFLICT, old_id} end
+      return {$A_EXISTING, old_id}
+    end
+  end
+end
+local function waiting(key, cap)
+  local n = redis.call('ZCARD', key)
+  if n < cap then return n end
+  for _, id in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if redis.call('HGET', $JOB_PREFIX .. id, 'status') ~= $S_QUEUED then
+      redis.call('ZREM', key, id)
+    end
+  end
+  return redis.call('ZCARD', key)
+end
+local max_queue, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
+if waiting(KEYS[3], max_queue) >= max_queue then return {$A_QUEUE_FULL, ''} end
+if cap > 0 and waiting(KEYS[4], cap) >= cap then return {$A_QUOTA_EXCEEDED, ''} end
+local fields = {}
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[2], unpack(fields))
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+if cap > 0 then
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+end
+if ARGV[1] == '1' then
+  redis.call('SET', KEYS[1], ARGV[3] .. ':' .. ARGV[2], 'EX', ARGV[5])
+end
+return {$A_CREATED, ARGV[3]}
+""")

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .schema import HEARTBEAT_TTL_FACTOR
+from .schema import HEARTBEAT_TTL_FACTOR, MAX_IMAGES, MAX_PROMPT_CHARS
 
 MIN_API_KEY_CHARS = 16
 
@@ -29,8 +29,10 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None  # comma separated; unset = open
     metrics_public: bool = True
     max_queue: int = Field(1000, ge=1)
-    max_images: int = Field(16, ge=1, le=256)
-    max_prompt_chars: int = Field(1000, ge=1, le=10000)
+    # jobs waiting per API key (per client address when keys are off), all models; 0 = off
+    max_queued_per_key: int = Field(50, ge=0)
+    max_images: int = Field(16, ge=1, le=MAX_IMAGES)
+    max_prompt_chars: int = Field(1000, ge=1, le=MAX_PROMPT_CHARS)
     result_ttl: int = Field(86400, ge=10)
     job_timeout: int = Field(600, ge=1)
     max_retries: int = Field(2, ge=0)

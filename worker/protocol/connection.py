@@ -1,0 +1,35 @@
+"""The service's Redis client, and how to tell a full Redis from other refusals."""
+
+from __future__ import annotations
+
+import redis
+
+from .settings import Settings
+
+
+def storage_full(error: BaseException) -> bool:
+    """Whether Redis refused a write because it is full (`maxmemory` with `noeviction`)."""
+    # Inside a Lua script the refusal comes back as a script error quoting Redis's text.
+    return isinstance(error, redis.ResponseError) and (
+        isinstance(error, redis.exceptions.OutOfMemoryError)
+        or "OOM command not allowed" in str(error))
+
+
+def redis_connection(settings: Settings, *, blocking: bool = False) -> redis.Redis:
+    """A Redis client for the service: bytes in and out, short connect timeout.
+
+    `blocking=True` (the RQ worker's connection) leaves the read timeout to RQ, whose
+    BLMOVE waits longer than any fixed socket timeout we would pick.
+    """
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2.0,
+        socket_timeout=None if blocking else 5.0,
+        health_check_interval=30,
+        # One quick retry covers a pooled socket that died with a Redis restart; more would
+        # only delay the 503 a client gets while Redis is down.
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
+    )
