@@ -3,7 +3,7 @@
     nice -n 19 python bench/batching.py [--jobs 8] [--compile] [--write docs/benchmarks.md]
 
 A worker with PROMPTPIX_MAX_BATCH=1 samples queued jobs one after another; with
-MAX_BATCH >= jobs it samples them as one batch (`model.sampling.generate_batch`). Both are
+MAX_BATCH >= jobs it samples them as one batch (`model.generate_batch`). Both are
 timed here in one process on the same model, each job with its own prompt, parameters
 and seeds, so the ratio is what batching buys the sampler (Redis and PNG encoding, the
 same either way, are left out). `--compile` adds the static decode step eager and
@@ -24,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-from model import ModelConfig, PromptPix
-from model.compile import StaticDecoder
-from model.sampling import SampleRequest, generate_batch
+from model import ModelConfig, PromptPix, SampleRequest, StaticDecoder, generate_batch
 from model.tokenizers import build_tokenizer
 
 PROMPTS = ["a large red circle in the top left on a white background",

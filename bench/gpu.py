@@ -9,8 +9,9 @@ sampling a batch of 64 32x32 RGB images with the default ModelConfig (eager and 
 decode: `torch.compile(mode="reduce-overhead")`), training MFU at hidden 1024 x 16 layers
 at 32x32 and 64x64 (bf16 autocast, fused AdamW, compiled blocks, SDPA), then sub-pixels/s
 against batch size. MFU = model FLOPs / (time x peak bf16 FLOPs), model FLOPs per token =
-6 x decoder parameters + 12 x layers x width x (image tokens + text tokens) (attention,
-counted un-halved for the causal mask as in PaLM's appendix B).
+6 x (decoder parameters + channels x channel-head parameters) + 12 x layers x width x
+(pixels + text tokens) (attention, counted un-halved for the causal mask as in PaLM's
+appendix B). One decoder position per pixel (model v2): the sampler takes H*W steps.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ from pathlib import Path
 
 import torch
 
-from model import ModelConfig, PromptPix, bits_per_dim
-from model.compile import StaticDecoder
-from model.network import START
-from model.prior import image_tokens
-from model.sampling import SampleRequest, _eager_steps, _layout, generate_batch
+from model import (
+    ModelConfig,
+    PromptPix,
+    SampleRequest,
+    StaticDecoder,
+    bits_per_dim,
+    generate_batch,
+)
+from model.sampling import _layout, decode_step, prepare_state, row_params
 from model.tokenizers import build_tokenizer
 
 PROMPTS = ["a large red circle in the top left on a white background",
@@ -81,34 +86,46 @@ def build(cfg: ModelConfig, dev: torch.device) -> PromptPix:
 
 
 def correctness(rep: Report, model: PromptPix, bf16: bool) -> None:
-    """Cached (prefill + decode_one) vs full-forward logits under the sampler's precision."""
+    """Cached (a prefill, then one pixel a step) vs full-forward logits under the sampler's
+    precision, and `generate(return_bits=True)` against `nll`."""
     dev, c, B = model.device, model.config, 4
-    T, k = c.seq_len, max(1, c.seq_len - 512)  # prefill most, decode the last 512 positions
-    images = torch.randint(0, 256, (B, c.channels, c.image_size, c.image_size),
+    C, P = c.channels, model.num_pixels
+    k = max(1, P - 256)  # prefill most, decode the last 256 pixels one at a time
+    images = torch.randint(0, 256, (B, C, c.image_size, c.image_size),
                            dtype=torch.uint8, device=dev)
     prompts = [PROMPTS[i % 2] for i in range(B)]
+    kv = torch.bfloat16 if bf16 else torch.float32
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-        full = model.forward_logits(images, prompts).float()
+        full = model.forward_logits(images, prompts).float().view(B, P, C, 256)
         ids, mask = model.tokenize(prompts)
-        cond, text = model._condition(ids, mask, None)
-        inputs = torch.cat([torch.full((B, 1), START, device=dev), image_tokens(images)[:, :-1]], 1)
-        model.setup_caches(B, torch.bfloat16 if bf16 else torch.float32)
-        steps = [model.prefill(inputs[:, :k], cond, text)]
-        steps += [model.decode_one(inputs[:, t], t, cond, text) for t in range(k, T)]
-        model.free_caches()
-    cached = torch.stack(steps, 1).float()
-    diff = (cached - full[:, k - 1:]).abs().max().item()
+        cond, text = model.condition(ids, mask, None)
+        values = images.permute(0, 2, 3, 1).reshape(B, P, C).long()
+        prev = torch.cat([values[:, :1], values[:, :-1]], 1)
+        caches = model.new_caches(B, kv)
+        diff = 0.0
+        chunks = [torch.arange(k, device=dev)] + [torch.tensor([p], device=dev)
+                                                  for p in range(k, P)]
+        for pos in chunks:
+            h = model.decode(model.embed(prev[:, pos], pos, cond), text, caches, pos)
+            earlier = values[:, pos].unbind(-1)
+            got = torch.stack([model.channel_logits(h, earlier, pos, ch) for ch in range(C)], 2)
+            diff = max(diff, (got.float() - full[:, pos]).abs().max().item())
     scale = full.abs().max().item()
     tol = (3e-2 if bf16 else 1e-4) * max(1.0, scale)
-    rep.add(f"cached vs full-forward logits ({'bf16' if bf16 else 'fp32'}, last {T - k + 1} "
-            "positions)", f"max abs diff {diff:.2e} (logits up to {scale:.2f}; tolerance "
-            f"{tol:.1e}): {'PASS' if diff <= tol else 'FAIL'}")
+    rep.add(f"cached vs full-forward logits ({'bf16' if bf16 else 'fp32'}, prefill {k} pixels "
+            f"+ {P - k} steps)", f"max abs diff {diff:.2e} (logits up to {scale:.2f}; "
+            f"tolerance {tol:.1e}): {'PASS' if diff <= tol else 'FAIL'}")
     a = model.generate(PROMPTS, 2, seed=[1, 2, 3, 4])
-    b = model.generate(PROMPTS, 2, seed=[1, 2, 3, 4])
+    b, bits = model.generate(PROMPTS, 2, seed=[1, 2, 3, 4], return_bits=True)
     one = model.generate(PROMPTS[1:], 1, seed=[4])
     rep.add("seeds reproduce (same call twice)", "PASS" if torch.equal(a, b) else "FAIL")
     rep.add("image independent of its batch (seed list)",
             "yes" if torch.equal(a[3:], one) else "differs in last bits (allowed, API.md)")
+    with torch.inference_mode():
+        nll = model.nll(b, [p for p in PROMPTS for _ in range(2)]).float().cpu()
+    bd = (bits - nll).abs().max().item()
+    rep.add("generate(return_bits=True) vs nll (bits/dim)",
+            f"max abs diff {bd:.2e}: {'PASS' if bd <= (2e-2 if bf16 else 1e-3) else 'FAIL'}")
 
 
 def time_generate(model: PromptPix, n: int, decoder: StaticDecoder | None) -> float:
@@ -131,7 +148,8 @@ def sampling(rep: Report, model: PromptPix, decoder: StaticDecoder | None, n: in
         first = time_generate(model, n, decoder)
         t = time_generate(model, n, decoder)
         rep.add(f"{name}, {_kind(decoder)}",
-                f"{t:.2f} s ({n * c.seq_len / t:,.0f} sub-px/s); compile + first run {first:.0f} s")
+                f"{t:.2f} s ({n * c.seq_len / t:,.0f} sub-px/s, {n * model.num_pixels / t:,.0f} "
+                f"decoder steps x rows/s); compile + first run {first:.0f} s")
     if not dry or decoder is None:
         t = time_generate(model, n, None)
         rep.add(f"{name}, {_kind(None)}", f"{t:.2f} s ({n * c.seq_len / t:,.0f} sub-px/s)")
@@ -141,28 +159,33 @@ def sampling(rep: Report, model: PromptPix, decoder: StaticDecoder | None, n: in
 
 def sweep(rep: Report, model: PromptPix, decoder: StaticDecoder | None, sizes: list[int],
           steps: int, per_size_s: float) -> None:
-    """Sub-pixels/s against batch size over the first `steps` positions (after warm-up)."""
+    """Pixels/s (one decoder step each) against batch size over the first `steps` pixels."""
     dev, use_bf16 = model.device, model.device.type == "cuda"
     for n in sizes:
         if rep.left() < per_size_s:
-            rep.add(f"sub-px/s at batch {n}", "skipped: out of budget")
+            rep.add(f"px/s at batch {n}", "skipped: out of budget")
             continue
         rows = _layout(model, [SampleRequest([PROMPTS[0]], n, seed=list(range(n)))])
+        steps = min(steps, model.num_pixels - 3)
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
             if decoder is None:
-                step, _ = _eager_steps(model, rows, True, use_bf16)
+                kv = torch.bfloat16 if use_bf16 else torch.float32
+                state = prepare_state(model, rows, row_params(rows, dev), True, kv)
+
+                def step(state=state) -> None:
+                    decode_step(model, state)
             else:
                 step, _ = decoder.begin(rows, use_bf16)
-            for t in range(3):  # compiles / captures this bucket
-                step(t)
+            for _ in range(3):  # compiles / captures this bucket
+                step()
             sync(dev)
             t0 = time.perf_counter()
-            for t in range(3, 3 + steps):
-                step(t)
+            for _ in range(steps):
+                step()
             sync(dev)
-        model.free_caches()
         rate = n * steps / (time.perf_counter() - t0)
-        rep.add(f"sub-px/s at batch {n}, {_kind(decoder)}", f"{rate:,.0f}")
+        rep.add(f"px/s at batch {n}, {_kind(decoder)}",
+                f"{rate:,.0f} ({rate * model.config.channels:,.0f} sub-px/s)")
 
 
 def _kind(decoder: StaticDecoder | None) -> str:
@@ -175,11 +198,11 @@ def _kind(decoder: StaticDecoder | None) -> str:
 
 def decoder_flops_per_token(model: PromptPix, text_len: int) -> float:
     c = model.config
-    # Parameters applied to every image token: the decoder blocks (but the cross-attention's
-    # key/value projection, which runs on text tokens) and the head.
+    # Per pixel (one decoder position): the decoder blocks (but the cross-attention's
+    # key/value projection, which runs on text tokens), and C times the channel head.
     n = sum(p.numel() for name, p in model.blocks.named_parameters() if ".cross.kv." not in name)
-    n += sum(p.numel() for p in model.head.parameters())
-    attn = 12 * c.num_layers * c.hidden_dim * (c.seq_len + text_len)
+    n += c.channels * sum(p.numel() for m in (model.head_fc, model.head) for p in m.parameters())
+    attn = 12 * c.num_layers * c.hidden_dim * (model.num_pixels + text_len)
     return 6.0 * n + attn
 
 
@@ -219,14 +242,14 @@ def training(rep: Report, size: int, batch: int, cfg_kw: dict[str, int], steps: 
         step()
     sync(dev)
     dt = (time.perf_counter() - t0) / steps
-    tokens = batch * cfg.seq_len
+    tokens = batch * model.num_pixels  # decoder positions
     flops = decoder_flops_per_token(model, ids.shape[1]) * tokens / dt
     mfu = f"{100 * flops / peak_flops:.1f}%" if peak_flops else "n/a (unknown peak)"
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
     rep.add(f"train {size}x{size}, hidden {hidden} x {layers} layers, batch {batch} "
             f"({model.num_parameters() / 1e6:.0f}M params)",
-            f"{tokens / dt:,.0f} tokens/s, {flops / 1e12:.1f} TFLOP/s, MFU {mfu}{mem} "
-            f"(warm-up/compile {warm:.0f} s)")
+            f"{batch / dt:,.1f} images/s, {tokens / dt:,.0f} pixels/s, "
+            f"{flops / 1e12:.1f} TFLOP/s, MFU {mfu}{mem} (warm-up/compile {warm:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:

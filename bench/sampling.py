@@ -1,106 +1,185 @@
-"""Sampling speed at the default width, cached vs full recompute, measured side by side.
+"""Sampling and training speed at the default width: per-pixel vs sub-pixel layout.
 
-    python bench/sampling.py [--sizes 16 32] [--recompute-steps 300] [--write docs/benchmarks.md]
+    python bench/sampling.py [--sizes 32] [--big 64] [--old-ref 5e05fe0] \
+        [--recompute-steps 64] [--train-batch 2] [--write docs/benchmarks.md]
 
-For each image size: parameters, seconds per image at batch 1 and batch 8 with the KV
-cache, and sub-pixels/s of the uncached reference (a full causal forward per token),
-measured over the first `--recompute-steps` tokens and extrapolated to the whole image
-(the uncached cost grows with position, so the extrapolation integrates the measured
-per-step cost linearly: it is a lower bound on the real uncached time).
+Both layouts run side by side in one process: this tree's `model` (one decoder step per
+pixel) and, from `--old-ref` (a commit before model v2), the sub-pixel model package, read
+with `git archive` into a temporary folder and imported under another name — the old
+layout's code lives nowhere in the tree. Default `ModelConfig` (decoder 256 x 8, text
+encoder 512 x 6), untrained weights (speed does not depend on them).
+
+Per size: seconds per image at batch 1 and 8 with the KV cache (both layouts), the
+per-pixel model's uncached reference (a full forward per pixel, measured over the first
+`--recompute-steps` pixels and extrapolated with a linear per-step cost fit: a lower bound)
+and training images/s (forward + backward + AdamW at `--train-batch`). `--big` sizes are
+sampled at batch 1 with the per-pixel model only. The memory copy bandwidth of a 64 MB
+copy is printed beside: absolute CPU figures move with it, ratios hold better.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from io import BytesIO
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-from model import ModelConfig, PromptPix
-from model.network import START
-from model.sampling import _recompute
+import model as new_model
 from model.tokenizers import build_tokenizer
 
 PROMPT = "a large red circle in the top left on a white background"
+OLD_PACKAGE = "model_subpixel"
 
 
-def build(size: int) -> PromptPix:
+def load_old(ref: str, into: Path) -> ModuleType:
+    """The model package of commit `ref`, importable as `model_subpixel`."""
+    blob = subprocess.run(["git", "archive", ref, "model"], check=True, capture_output=True,
+                          cwd=Path(__file__).resolve().parents[1]).stdout
+    with tarfile.open(fileobj=BytesIO(blob)) as tar:
+        tar.extractall(into, filter="data")
+    (into / "model").rename(into / OLD_PACKAGE)
+    sys.path.insert(0, str(into))
+    return importlib.import_module(OLD_PACKAGE)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 64 MB tensor copy (read + write counted), best of 5."""
+    a = torch.empty(16 * 2**20, dtype=torch.float32).fill_(1.0)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def build(pkg: ModuleType, size: int):
     tok = build_tokenizer("word", [PROMPT], vocab_size=1000)
-    cfg = ModelConfig(image_size=size, channels=3, vocab_size=len(tok), max_text_length=64)
+    cfg = pkg.ModelConfig(image_size=size, channels=3, vocab_size=len(tok), max_text_length=64)
     torch.manual_seed(0)
-    return PromptPix(cfg, tok).eval()
+    return pkg.PromptPix(cfg, tok).eval()
 
 
-def time_cached(model: PromptPix, batch: int) -> float:
+def time_sampling(m, batch: int) -> float:
     t0 = time.perf_counter()
-    model.generate([PROMPT], num_images=batch, seed=0)
-    return time.perf_counter() - t0
+    m.generate([PROMPT], num_images=batch, seed=0)
+    return (time.perf_counter() - t0) / batch
 
 
 @torch.inference_mode()
-def time_recompute(model: PromptPix, steps: int) -> tuple[float, float]:
-    """(seconds for `steps` uncached tokens from position 0, extrapolated seconds per image)."""
-    ids, mask = model.tokenize([PROMPT])
-    cond, text = model._condition(ids, mask, None)
-    T = model.config.seq_len
-    tokens = torch.zeros(1, T, dtype=torch.long)
-    t0 = time.perf_counter()
-    for t in range(steps):
-        _recompute(model, tokens, t, cond, text, guided=False)
-    measured = time.perf_counter() - t0
-    # Cost per step is ~ a + b*t; fit from the two halves, integrate over the image.
+def time_recompute(m, steps: int) -> float:
+    """Extrapolated seconds per image of the per-pixel model's uncached reference."""
+    from model.sampling import _layout, decode_step, prepare_state, row_params
+
+    rows = _layout(m, [new_model.SampleRequest([PROMPT], seed=0)])
+    s = prepare_state(m, rows, row_params(rows, m.device), False, torch.float32)
+    P = m.num_pixels
+    steps = min(steps, P)
+    costs = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        decode_step(m, s)
+        costs.append(time.perf_counter() - t0)
     half = steps // 2
-    t1 = time.perf_counter()
-    for t in range(steps - half, steps):
-        _recompute(model, tokens, t, cond, text, guided=False)
-    late = (time.perf_counter() - t1) / half  # mean cost around position 3/4 * steps
-    early = (measured - late * half) / (steps - half)  # mean cost around 1/4 * steps
+    early = sum(costs[:half]) / half  # mean cost around steps/4
+    late = sum(costs[half:]) / (steps - half)  # around 3 steps/4
     b = (late - early) / (steps / 2)
     a = early - b * steps / 4
-    total = a * T + b * T * T / 2
-    return measured, max(total, measured)
+    return max(a * P + b * P * P / 2, sum(costs))
+
+
+def time_training(m, batch: int, steps: int) -> float:
+    """Training images/s: forward, bits/dim loss, backward, AdamW step."""
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    c = m.config
+    images = torch.randint(0, 256, (batch, 3, c.image_size, c.image_size), dtype=torch.uint8)
+    ids, mask = m.tokenize([PROMPT] * batch)
+    bpd = sys.modules[type(m).__module__.rsplit(".", 1)[0]].bits_per_dim
+    for i in range(steps + 1):
+        if i == 1:  # the first step warms up allocators and kernels
+            t0 = time.perf_counter()
+        loss = bpd(m(images, ids, mask), images).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    m.eval()
+    return batch * steps / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[16, 32])
-    p.add_argument("--recompute-steps", type=int, default=300)
+    p.add_argument("--sizes", type=int, nargs="+", default=[32])
+    p.add_argument("--big", type=int, nargs="*", default=[64])
+    p.add_argument("--old-ref", default="5e05fe0", help="a commit with the sub-pixel layout")
+    p.add_argument("--recompute-steps", type=int, default=64)
+    p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument("--train-steps", type=int, default=2)
     p.add_argument("--write", type=Path, default=None, help="append the table to this file")
     args = p.parse_args(argv)
-    assert START == 256
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    tmp = tempfile.TemporaryDirectory()
+    old = load_old(args.old_ref, Path(tmp.name))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}",
-        "| size | params | cached b=1 s/img | cached b=8 s/img | cached b=1 subpx/s "
-        "| recompute subpx/s (first N) | recompute s/img (extrap.) | cached/recompute |",
-        "|---|---|---|---|---|---|---|---|",
+        f"torch {torch.__version__}, threads {threads}, load average {load:.1f}, "
+        f"64 MB copy {copy_bandwidth():.1f} GB/s (before)",
+        "",
+        "| size | layout | decoder steps | params | b=1 s/img | b=8 s/img | train img/s "
+        "| recompute s/img (extrap.) | cached/recompute |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     print(lines[0], flush=True)
+    ratios = []
     for size in args.sizes:
-        model = build(size)
-        T = model.config.seq_len
-        model.generate([PROMPT], num_images=1, seed=0) if size <= 8 else None
-        b1 = time_cached(model, 1)
-        b8 = time_cached(model, 8) / 8
-        steps = min(args.recompute_steps, T)
-        measured, extrap = time_recompute(model, steps)
-        row = (
-            f"| {size}x{size}x3 | {model.num_parameters() / 1e6:.2f}M | {b1:.2f} | {b8:.2f} "
-            f"| {T / b1:,.0f} | {steps / measured:,.0f} (N={steps}) | {extrap:,.0f} "
-            f"| {extrap / b1:,.0f}x |"
-        )
+        got = {}
+        for name, pkg in (("per-pixel", new_model), ("sub-pixel", old)):
+            m = build(pkg, size)
+            steps = size * size * (1 if pkg is new_model else 3)
+            b1, b8 = time_sampling(m, 1), time_sampling(m, 8)
+            train = time_training(m, args.train_batch, args.train_steps)
+            rec = ratio = "-"
+            if pkg is new_model:
+                r = time_recompute(m, args.recompute_steps)
+                rec, ratio = f"{r:,.1f}", f"{r / b1:,.0f}x"
+            got[name] = (b1, b8, train)
+            row = (f"| {size}x{size}x3 | {name} | {steps:,} | {m.num_parameters() / 1e6:.2f}M "
+                   f"| {b1:.2f} | {b8:.2f} | {train:.2f} | {rec} | {ratio} |")
+            print(row, flush=True)
+            lines.append(row)
+        n, o = got["per-pixel"], got["sub-pixel"]
+        ratios.append(f"{size}x{size}: per-pixel / sub-pixel speed-up: batch 1 "
+                      f"{o[0] / n[0]:.2f}x, batch 8 {o[1] / n[1]:.2f}x, training "
+                      f"{n[2] / o[2]:.2f}x")
+    for size in args.big:
+        m = build(new_model, size)
+        b1 = time_sampling(m, 1)
+        row = (f"| {size}x{size}x3 | per-pixel | {size * size:,} | "
+               f"{m.num_parameters() / 1e6:.2f}M | {b1:.2f} | - | - | - | - |")
         print(row, flush=True)
         lines.append(row)
+    lines += ["", *ratios, f"64 MB copy {copy_bandwidth():.1f} GB/s (after)"]
+    print("\n".join(lines[-len(ratios) - 1:]), flush=True)
     if args.write:
         cmd = "python bench/sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.write, "a") as f:
-            f.write(f"\n### Sampling (`{cmd.strip()}`), {time.strftime('%Y-%m-%d')}\n\n")
+            f.write(f"\n### Per-pixel vs sub-pixel (`{cmd.strip()}`), "
+                    f"{time.strftime('%Y-%m-%d %H:%M')}\n\n")
             f.write("\n".join(lines) + "\n")
+    tmp.cleanup()
     return 0
 
 

@@ -29,7 +29,10 @@ from .errors import CheckpointError, PromptPixError
 from .network import PromptPix
 from .tokenizers import tokenizer_from_json
 
-FORMAT_VERSION = 1
+# 2: the per-pixel decoder (model v2). Version 1 files hold the sub-pixel layout (one
+# decoder step per sub-pixel): their weights mean something else, so they are refused.
+FORMAT_VERSION = 2
+SUBPIXEL_LAYOUT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "tokenizer", "state_dict", "meta")
 META_DEFAULTS: dict[str, Any] = {
     "dataset": None,
@@ -176,6 +179,12 @@ def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{path} is not a promptpix checkpoint: missing keys {missing}")
+    if payload["format_version"] == SUBPIXEL_LAYOUT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version 1: the old sub-pixel layout (one decoder step per "
+            f"sub-pixel), which this code (format_version {FORMAT_VERSION}, one step per pixel) "
+            "cannot load; retrain it with this version (see docs/models.md)"
+        )
     if payload["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format_version {payload['format_version']!r}; "

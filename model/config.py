@@ -16,7 +16,8 @@ MINILM_MAX_LENGTH = 512
 
 @dataclass
 class ModelConfig:
-    # Image side: sub-pixel tokens are image_size * image_size * channels, raster order.
+    # Image side: image_size * image_size pixels of `channels` sub-pixels, raster order;
+    # the decoder takes one step per pixel, the likelihood is over every sub-pixel.
     image_size: int = 32
     channels: int = 3
     # Decoder (flags: --hidden_dim, --num_layers); num_heads has no flag.

@@ -1,5 +1,6 @@
 """Building blocks of the network: attention with a static KV cache, gated cross-attention
-decoder blocks, and the scratch text encoder. Everything on the image side is per token."""
+decoder blocks, and the scratch text encoder. Everything on the image side is per position
+(one position per pixel): nothing pools or normalises across positions."""
 
 from __future__ import annotations
 
@@ -8,31 +9,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .errors import PromptPixError
 
 
 class KVCache:
-    """Preallocated keys/values of one layer, written by position.
+    """Preallocated keys and values of one layer, (B, nkv, T_max, hs) each, written by
+    position (gpt-fast's static cache): training runs without one, prefill and every decode
+    step (eager or compiled) write theirs at `input_pos` and attend over the whole cache
+    under a mask, so one code path serves them all with static shapes."""
 
-    Keys are stored transposed, `kt` (B, nkv, hs, T_max), values as `v` (B, nkv, T_max, hs):
-    a decode step's scores are then one batched product `q @ kt[..., :t+1]` straight from
-    the cache (no copy), which on CPU beat `scaled_dot_product_attention` by 15-35% over
-    long caches (docs/benchmarks.md).
-    """
+    def __init__(self, B: int, nkv: int, T: int, hs: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.k = torch.zeros(B, nkv, T, hs, device=device, dtype=dtype)
+        self.v = torch.zeros(B, nkv, T, hs, device=device, dtype=dtype)
 
-    def __init__(self, B: int, nh: int, T: int, hs: int, device: torch.device, dtype: torch.dtype):
-        self.kt = torch.zeros(B, nh, hs, T, device=device, dtype=dtype)
-        self.v = torch.zeros(B, nh, T, hs, device=device, dtype=dtype)
+    def buffers(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
 
-    def update(
-        self, t0: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, S, hs) at positions t0..t0+S-1; return the cache up to there
-        as (B, nh, t0+S, hs) views."""
-        t1 = t0 + k.shape[2]
-        self.kt[..., t0:t1] = k.transpose(-1, -2)
-        self.v[:, :, t0:t1] = v
-        return self.kt[..., :t1].transpose(-1, -2), self.v[:, :, :t1]
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, S, hs) at positions `input_pos` (S,); return the whole cache."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
 
 
 class SelfAttention(nn.Module):
@@ -45,29 +43,35 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, t0: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x (B, S, D). Without a cache: causal over the S positions (training, the uncached
+        reference). With one: k, v are written at `input_pos` (S,) and the queries attend to
+        the whole cache under `mask` (S, T_max), True where visible."""
         B, S, D = x.shape
         nh, nkv, hs = self.nh, self.nkv, self.hs
+        g = nh // nkv
         q, k, v = self.qkv(x).split([D, nkv * hs, nkv * hs], dim=-1)
         k = k.view(B, S, nkv, hs).transpose(1, 2)  # (B, nkv, S, hs)
         v = v.view(B, S, nkv, hs).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(t0, k, v)  # (B, nkv, t0+S, hs)
-        if S == 1:
-            # One new token: it may see the whole cache, and the nh/nkv query heads of a group
-            # are independent queries over the same keys, so they ride in the query-length
-            # dimension — no mask, no copy of the keys.
-            y = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hs), k, v)
-            return self.proj(y.reshape(B, 1, D))
-        if t0 != 0:
-            raise PromptPixError("multi-token steps are only supported from position 0")
-        q = q.view(B, S, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
-        if nkv != nh:  # query head h reads key/value head h // (nh / nkv)
-            k = k.repeat_interleave(nh // nkv, dim=1)
-            v = v.repeat_interleave(nh // nkv, dim=1)
-        drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        if cache is None:
+            q = q.view(B, S, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
+            if nkv != nh:  # query head h reads key/value head h // g
+                k = k.repeat_interleave(g, dim=1)
+                v = v.repeat_interleave(g, dim=1)
+            drop = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+            return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        assert mask is not None and input_pos is not None, "a cached step needs mask, input_pos"
+        k, v = cache.update(input_pos, k, v)  # (B, nkv, T_max, hs)
+        # The g query heads of a group are independent queries over the same keys: they ride
+        # in the query-length dimension (no copy of the keys), the mask tiled to match.
+        q = q.view(B, S, nkv, g, hs).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * S, hs)
+        m = mask.repeat(g, 1) if g > 1 else mask
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=m)
+        y = y.view(B, nkv, g, S, hs).permute(0, 3, 1, 2, 4).reshape(B, S, D)
+        return self.proj(y)
 
 
 class CrossAttention(nn.Module):
@@ -128,9 +132,12 @@ class DecoderBlock(nn.Module):
         x: torch.Tensor,
         text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None = None,
-        t0: int = 0,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, t0)
+        """The one block code: training and the uncached reference (no cache), prefill and
+        every decode step, eager or compiled (a cache written at `input_pos`)."""
+        x = x + self.attn(self.ln1(x), cache, mask, input_pos)
         if self.cross is not None:
             assert text is not None, "a text-conditioned block needs the text keys/values"
             h = self.ln2(x)
@@ -178,84 +185,3 @@ class TextEncoder(nn.Module):
         m = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
         pooled = (x * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, E): pads never count
         return x, pooled
-
-
-def _t(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(out, in) weight -> contiguous (in, out): a row vector times it is one fast GEMV."""
-    return w.detach().t().to(dtype).contiguous()
-
-
-class DecodeStep:
-    """One decoder block's single-token step over the KV cache, from plain tensors.
-
-    Built once per request (`PromptPix.setup_caches`) from the block's current weights:
-    every matrix transposed to (in, out) and contiguous — a (B, in) × (in, out) product
-    runs ~1.5× faster on CPU than `F.linear`'s (B, in) × (out, in)ᵀ at batch 1 — and the
-    gate folded into the cross-attention's two projections, since
-    `gate([h; ctx]) = W_h h + (W_c W_o) y + (W_c b_o + b)` for `ctx = W_o y + b_o`:
-    one product gives [q | W_h h], one gives [ctx | gate's ctx half], and the concat and the
-    gate's own product are gone. Self-attention reads the transposed key cache with two
-    batched products and a softmax (see `KVCache`). No module calls either. The same
-    function of the inputs as `DecoderBlock.forward` on one token (to float rounding;
-    tested against it).
-    """
-
-    def __init__(self, block: DecoderBlock, dtype: torch.dtype) -> None:
-        a = block.attn
-        self.nh, self.nkv, self.hs = a.nh, a.nkv, a.hs
-        D = self.D = a.nh * a.hs
-
-        def ln(m: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
-            return m.weight.detach(), m.bias.detach(), m.eps  # norms stay fp32
-
-        def lin(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-            return m.bias.detach().to(dtype), _t(m.weight, dtype)
-
-        self.ln1, self.qkv, self.proj = ln(block.ln1), lin(a.qkv), lin(a.proj)
-        # Fold attention's 1/sqrt(hs) into the query rows of the qkv product.
-        scale = torch.ones(self.qkv[0].shape[0], dtype=dtype, device=a.qkv.bias.device)
-        scale[:D] = a.hs**-0.5
-        self.qkv = (self.qkv[0] * scale, self.qkv[1] * scale)
-        self.ln3, self.fc, self.fc_proj = ln(block.ln3), lin(block.mlp.fc), lin(block.mlp.proj)
-        self.cross = block.cross is not None
-        if block.cross is not None:
-            cr, g = block.cross, block.gate
-            with torch.no_grad():
-                w_h, w_c = g.weight[:, :D], g.weight[:, D:]  # gate halves on h and on ctx
-                qg_w = torch.cat([cr.q.weight, w_h])  # (2D, D): [q | gate_h]
-                qg_b = torch.cat([cr.q.bias, torch.zeros_like(g.bias)])
-                og_w = torch.cat([cr.proj.weight, w_c @ cr.proj.weight])  # [ctx | gate_c]
-                og_b = torch.cat([cr.proj.bias, w_c @ cr.proj.bias + g.bias])
-            self.ln2 = ln(block.ln2)
-            self.qg = (qg_b.to(dtype), _t(qg_w, dtype))
-            self.og = (og_b.to(dtype), _t(og_w, dtype))
-
-    def __call__(
-        self,
-        x: torch.Tensor,
-        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-        cache: KVCache,
-        t: int,
-    ) -> torch.Tensor:
-        """x (B, D) is the residual stream at position t; returns it after the block."""
-        B, D, nh, nkv, hs = x.shape[0], self.D, self.nh, self.nkv, self.hs
-        h = F.layer_norm(x, (D,), *self.ln1)
-        q, k, v = torch.addmm(self.qkv[0], h, self.qkv[1]).split([D, nkv * hs, nkv * hs], 1)
-        cache.kt[..., t] = k.view(B, nkv, hs)
-        cache.v[:, :, t] = v.view(B, nkv, hs)
-        # The nh/nkv query heads of a group are rows of one product over their shared keys;
-        # q arrives pre-scaled by 1/sqrt(hs) (folded into the weights above).
-        scores = torch.matmul(q.view(B, nkv, nh // nkv, hs), cache.kt[..., : t + 1])
-        y = torch.matmul(torch.softmax(scores, dim=-1), cache.v[:, :, : t + 1])
-        x = x + torch.addmm(self.proj[0], y.reshape(B, D), self.proj[1])
-        if self.cross:
-            assert text is not None, "a text-conditioned block needs the text keys/values"
-            tk, tv, mask = text
-            h = F.layer_norm(x, (D,), *self.ln2)
-            q, gh = torch.addmm(self.qg[0], h, self.qg[1]).split([D, D], 1)
-            y = F.scaled_dot_product_attention(q.view(B, nh, 1, hs), tk, tv, attn_mask=mask)
-            ctx, gc = torch.addmm(self.og[0], y.reshape(B, D), self.og[1]).split([D, D], 1)
-            x = torch.addcmul(x, torch.sigmoid(gh + gc), ctx)
-        h = F.layer_norm(x, (D,), *self.ln3)
-        h = F.gelu(torch.addmm(self.fc[0], h, self.fc[1]), approximate="tanh")
-        return x + torch.addmm(self.fc_proj[0], h, self.fc_proj[1])

@@ -1,16 +1,21 @@
-"""The network: a text encoder and an exactly causal decoder over sub-pixel tokens.
+"""The network: a text encoder, an exactly causal decoder over pixels, and a channel head.
 
-Token t of an image is sub-pixel (row, column, channel) in raster order. The decoder's
-input at position t is the value of token t-1 (a start token at t = 0) plus embeddings of
-position t's row, column and channel, plus the condition vector; causal self-attention
-means the output at t sees only tokens < t. Everything on the image side is per token
-(LayerNorm, gates, MLP) — nothing pools or normalises across positions — so no future
-sub-pixel can reach a past logit. Only the text is seen whole, through cross-attention.
+The decoder's sequence is the H*W pixels in raster order. Its input at pixel p is the sum
+of embeddings of pixel p-1's C values (a start embedding at p = 0), p's row and column
+embeddings and the condition vector; causal self-attention means its state at p sees only
+pixels < p. The channel head turns that state into p's C sub-pixels one after another:
+channel c's logits come from the state, an embedding of c and embeddings of the values of
+p's channels < c (teacher-forced in training, the sampled ones when sampling). So the
+likelihood is the exact discrete one over every sub-pixel in (row, column, channel)
+order, with one decoder step per pixel. Everything on the image side is per position
+(LayerNorm, gates, MLP): no future sub-pixel can reach a past logit. Only the text is
+seen whole, through cross-attention.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -18,11 +23,10 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import PromptPixError
-from .layers import DecoderBlock, DecodeStep, KVCache, TextEncoder
+from .layers import DecoderBlock, KVCache, TextEncoder
 from .prior import image_tokens
 from .tokenizers import Tokenizer
 
-START = 256  # the input token at position 0: "no previous sub-pixel"
 GATE_INIT_BIAS = -2.0  # sigmoid(-2) ~ 0.12: the text gate starts nearly closed
 
 
@@ -55,11 +59,12 @@ class PromptPix(nn.Module):
             )
         self.tokenizer = tokenizer if c.use_text else None
         self.default_guidance_scale = 1.0  # set from the checkpoint's meta by load_checkpoint
-        D = c.hidden_dim
-        self.value_emb = nn.Embedding(257, D)  # 0..255 and START
+        D, C = c.hidden_dim, c.channels
+        self.num_pixels = c.image_size * c.image_size
+        # Pixel p-1's values: row c*256 + v per channel, summed; row C*256 is the start.
+        self.value_emb = nn.Embedding(C * 256 + 1, D)
         self.row_emb = nn.Embedding(c.image_size, D)
         self.col_emb = nn.Embedding(c.image_size, D)
-        self.chan_emb = nn.Embedding(c.channels, D)
         # Class slot num_classes is the "no class" (unconditional) embedding.
         self.class_emb = nn.Embedding(c.num_classes + 1, D) if c.num_classes > 0 else None
         if c.use_text and not pretrained:
@@ -70,19 +75,19 @@ class PromptPix(nn.Module):
             self.text_to_ctx = nn.Linear(c.text_embed_dim, D)
         self.blocks = nn.ModuleList(DecoderBlock(c) for _ in range(c.num_layers))
         self.ln_f = nn.LayerNorm(D)
+        # The channel head: which channel (C, D), the values of the pixel's earlier channels
+        # (row c*256 + v), a residual GELU layer, then the 256-way readout.
+        self.chan_emb = nn.Embedding(C, D)
+        self.sub_emb = nn.Embedding((C - 1) * 256, D) if C > 1 else None
+        self.head_fc = nn.Linear(D, D)
         self.head = nn.Linear(D, 256)
         self.freq_prior = (
             nn.Parameter(torch.zeros(c.seq_len, 256)) if c.use_frequency_prior else None
         )
-        # Which (row, column, channel) each token position is: (T,) each.
-        t = torch.arange(c.seq_len)
-        self.register_buffer("pos_row", t // (c.channels * c.image_size), persistent=False)
-        self.register_buffer("pos_col", (t // c.channels) % c.image_size, persistent=False)
-        self.register_buffer("pos_chan", t % c.channels, persistent=False)
-        self.caches: list[KVCache] | None = None
-        self._pos_table: torch.Tensor | None = None
-        self._steps: list[DecodeStep] | None = None
-        self._head_step: tuple[torch.Tensor, torch.Tensor] | None = None
+        p = torch.arange(self.num_pixels)
+        self.register_buffer("pos_row", p // c.image_size, persistent=False)
+        self.register_buffer("pos_col", p % c.image_size, persistent=False)
+        self.register_buffer("value_offset", torch.arange(C) * 256, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             # GPT-2: scale residual projections by depth so the stream's variance stays put.
@@ -177,7 +182,10 @@ class PromptPix(nn.Module):
         if images.dtype != torch.uint8:
             raise PromptPixError(f"expected uint8 images, got {images.dtype}")
 
-    def _labels(self, class_labels: torch.Tensor | list[int] | None, B: int) -> torch.Tensor | None:
+    def labels(self, class_labels: torch.Tensor | Sequence[int] | None, B: int
+               ) -> torch.Tensor | None:
+        """Class ids (B,) on the device, -1 / None mapped to the null class; None for a
+        model without classes (which refuses any label >= 0)."""
         if self.class_emb is None:
             if class_labels is not None and bool((torch.as_tensor(class_labels) >= 0).any()):
                 raise PromptPixError("this model has no classes; class_labels must be None or -1")
@@ -196,7 +204,7 @@ class PromptPix(nn.Module):
         labels[labels < 0] = null
         return labels
 
-    def _condition(
+    def condition(
         self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None]:
         """Condition vector (B, D) and per-block text keys/values (once per request)."""
@@ -212,18 +220,55 @@ class PromptPix(nn.Module):
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, L)
         return cond, [(*b.cross.text_kv(ctx), attn_mask) for b in self.blocks]
 
-    def _pos(self, t0: int, t1: int) -> torch.Tensor:
-        """Row + column + channel embeddings of positions t0..t1-1: (S, D)."""
-        return (
-            self.row_emb(self.pos_row[t0:t1])
-            + self.col_emb(self.pos_col[t0:t1])
-            + self.chan_emb(self.pos_chan[t0:t1])
-        )
+    def embed(self, prev: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Decoder input (B, S, D) at pixels `pos` (S,) from the previous pixels' values
+        `prev` (B, S, C) long (ignored where pos is 0: the start embedding), plus row and
+        column embeddings and the condition (B, D)."""
+        x = self.value_emb(prev + self.value_offset).sum(-2)  # (B, S, D)
+        start = self.value_emb.weight[-1]
+        x = torch.where((pos == 0)[None, :, None], start, x)
+        where = self.row_emb(self.pos_row[pos]) + self.col_emb(self.pos_col[pos])  # (S, D)
+        return x + where + cond[:, None]
 
-    def _head(self, x: torch.Tensor, t0: int) -> torch.Tensor:
-        logits = self.head(self.ln_f(x)).float()  # logits in fp32 whatever the autocast
+    def new_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> list[KVCache]:
+        """One static KV cache per block for `batch_size` sequences of every pixel."""
+        c = self.config
+        hs = c.hidden_dim // c.num_heads
+        return [KVCache(batch_size, c.num_kv_heads, self.num_pixels, hs, self.device, dtype)
+                for _ in self.blocks]
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        text: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
+        caches: list[KVCache] | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The decoder over inputs x (B, S, D) -> normalised states (B, S, D).
+
+        Without caches, x is pixels 0..S-1 (training, the uncached reference). With them
+        (`new_caches`), x is pixels `input_pos` (S,) — a prefill or one decode step — and
+        each block writes its keys/values there and attends to every earlier pixel."""
+        mask = None
+        if caches is not None:
+            assert input_pos is not None, "a cached decode needs input_pos"
+            mask = input_pos[:, None] >= torch.arange(self.num_pixels, device=x.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, text[i] if text is not None else None,
+                      None if caches is None else caches[i], mask, input_pos)
+        return self.ln_f(x)
+
+    def channel_logits(self, h: torch.Tensor, earlier: Sequence[torch.Tensor],
+                       pos: torch.Tensor, c: int) -> torch.Tensor:
+        """fp32 logits (B, S, 256) of channel c at pixels `pos` (S,) from the decoder states h
+        (B, S, D) and the values `earlier[j]` (B, S) of the pixel's channels j < c."""
+        z = h + self.chan_emb.weight[c]
+        for j in range(c):
+            z = z + self.sub_emb(earlier[j] + 256 * j)
+        z = z + F.gelu(self.head_fc(z), approximate="tanh")
+        logits = self.head(z).float()  # logits in fp32 whatever the autocast
         if self.freq_prior is not None:
-            logits = logits + self.freq_prior[t0 : t0 + x.shape[1]]
+            logits = logits + self.freq_prior.index_select(0, pos * self.config.channels + c)
         return logits
 
     # ----------------------------------------------------------------- training forward
@@ -237,16 +282,15 @@ class PromptPix(nn.Module):
     ) -> torch.Tensor:
         """Teacher-forced logits (B, H*W*C, 256) for uint8 images (B, C, H, W)."""
         self._check_images(images)
-        B = images.shape[0]
-        tokens = image_tokens(images)  # (B, T)
-        start = torch.full((B, 1), START, dtype=torch.long, device=tokens.device)
-        inputs = torch.cat([start, tokens[:, :-1]], dim=1)  # shift right: input t = token t-1
-        cond, text = self._condition(text_ids, text_mask, self._labels(class_labels, B))
-        T = tokens.shape[1]
-        x = self.value_emb(inputs) + self._pos(0, T) + cond[:, None, :]  # (B, T, D)
-        for i, block in enumerate(self.blocks):
-            x = block(x, text[i] if text is not None else None)
-        return self._head(x, 0)
+        B, C, P = images.shape[0], self.config.channels, self.num_pixels
+        values = images.permute(0, 2, 3, 1).reshape(B, P, C).long()  # raster order
+        prev = torch.cat([values[:, :1], values[:, :-1]], dim=1)  # pixel 0's is ignored
+        pos = torch.arange(P, device=images.device)
+        cond, text = self.condition(text_ids, text_mask, self.labels(class_labels, B))
+        h = self.decode(self.embed(prev, pos, cond), text)
+        earlier = values.unbind(-1)
+        logits = [self.channel_logits(h, earlier, pos, c) for c in range(C)]
+        return torch.stack(logits, dim=2).view(B, P * C, 256)
 
     # ----------------------------------------------------------------- public API
 
@@ -271,63 +315,6 @@ class PromptPix(nn.Module):
     ) -> torch.Tensor:
         """Bits per dimension of each image (B,): the exact discrete likelihood."""
         return bits_per_dim(self.forward_logits(images, prompts, class_labels), images)
-
-    # ----------------------------------------------------------------- cached inference
-
-    def setup_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> None:
-        """Preallocate one static KV cache per layer for `batch_size` sequences, and take the
-        decode step's weights (`DecodeStep`) from the current parameters."""
-        c = self.config
-        hs = c.hidden_dim // c.num_heads
-        self.caches = [
-            KVCache(batch_size, c.num_kv_heads, c.seq_len, hs, self.device, dtype)
-            for _ in self.blocks
-        ]
-        # Row + column + channel embeddings of every position, summed once, not per step.
-        self._pos_table = self._pos(0, c.seq_len).detach()
-        self._steps = [DecodeStep(b, dtype) for b in self.blocks]
-        # The head's bias and the frequency prior, summed per position in fp32 (T, 256).
-        bias = self.head.bias.detach().float().expand(c.seq_len, 256)
-        if self.freq_prior is not None:
-            bias = bias + self.freq_prior.detach().float()
-        self._head_step = (self.head.weight.detach().t().to(dtype).contiguous(),
-                           bias.contiguous())
-
-    def free_caches(self) -> None:
-        self.caches = None
-        self._pos_table = None
-        self._steps = None
-        self._head_step = None
-
-    def prefill(
-        self,
-        inputs: torch.Tensor,
-        cond: torch.Tensor,
-        text: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
-    ) -> torch.Tensor:
-        """Run input tokens (B, S) at positions 0..S-1 into the caches; logits (B, 256) of S-1."""
-        assert self.caches is not None, "call setup_caches() first"
-        S = inputs.shape[1]
-        x = self.value_emb(inputs) + self._pos(0, S) + cond[:, None, :]
-        for i, block in enumerate(self.blocks):
-            x = block(x, text[i] if text is not None else None, self.caches[i], 0)
-        return self._head(x[:, -1:], S - 1)[:, 0]
-
-    def decode_one(
-        self,
-        prev: torch.Tensor,
-        t: int,
-        cond: torch.Tensor,
-        text: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
-    ) -> torch.Tensor:
-        """One step: input token (B,) at position t (the value of token t-1) -> logits (B, 256)."""
-        assert self.caches is not None and self._steps is not None, "call setup_caches() first"
-        x = self.value_emb(prev) + self._pos_table[t] + cond  # (B, D)
-        for i, step in enumerate(self._steps):
-            x = step(x, text[i] if text is not None else None, self.caches[i], t)
-        ln, (w, bias) = self.ln_f, self._head_step  # type: ignore[misc]
-        h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        return torch.mm(h, w).float() + bias[t]  # logits in fp32 whatever the autocast
 
     def generate(self, prompts: list[str], num_images: int = 1, **kwargs: object) -> torch.Tensor:
         """Sample images; see `model.sampling.generate` for the parameters."""

@@ -13,15 +13,17 @@ row's tokens depend only on its own logits and uniforms. `generate` is one reque
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import GenerationStopped, PromptPixError
-from .network import START, PromptPix
+from .layers import KVCache
+from .network import PromptPix
 from .prior import tokens_to_images
 
 if TYPE_CHECKING:
@@ -223,26 +225,120 @@ def row_params(rows: _Rows, device: torch.device, double_all: bool = False,
     )
 
 
+@dataclass
+class DecodeState:
+    """Everything one decode step reads and writes, as device tensors (static shapes).
+
+    The network batch is the N output rows, then the unconditional twin of each row in
+    `rp.gidx`. `pos` is the pixel the next step samples; `tokens` (N, H*W*C) the sampled
+    sub-pixels; `bits` (N,) the summed -log2 p of each sampled sub-pixel under its row's
+    conditional logits (before guidance and filtering). `caches` None: every step
+    recomputes the full forward (the uncached reference).
+    """
+
+    cond: torch.Tensor  # (B, D)
+    text: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
+    caches: list[KVCache] | None
+    rp: RowParams
+    u: torch.Tensor  # (N, H*W*C)
+    tokens: torch.Tensor  # (N, H*W*C) long
+    bits: torch.Tensor  # (N,) float64
+    pos: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
+
+    def buffers(self) -> list[torch.Tensor]:
+        rp = self.rp
+        out = [self.cond, self.u, self.tokens, self.bits, self.pos, rp.temperature, rp.top_k,
+               rp.top_p, rp.gidx, rp.gscale]
+        for k, v, m in self.text or []:
+            out += [k, v, m]
+        for cache in self.caches or []:
+            out += cache.buffers()
+        return out
+
+
+def _with_twins(x: torch.Tensor, gidx: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.index_select(0, gidx)]) if gidx.numel() else x
+
+
+def decode_step(model: PromptPix, s: DecodeState) -> None:
+    """Sample pixel `s.pos` of every row (its C sub-pixels in turn) and advance `s.pos`.
+
+    The one sampling step: the eager sampler, the static-shape decoder and its compiled
+    form all run it. No host synchronisation on the cached path.
+    """
+    C, P = model.config.channels, model.num_pixels
+    N, rp, pos = s.tokens.shape[0], s.rp, s.pos
+    pixels = s.tokens.view(N, P, C)
+    if s.caches is not None:
+        prev = pixels.index_select(1, (pos - 1).clamp(min=0))  # (N, 1, C)
+        x = model.embed(_with_twins(prev, rp.gidx), pos, s.cond)
+        h = model.decode(x, s.text, s.caches, pos)  # (B, 1, D)
+    else:  # the reference: a full causal forward over pixels 0..pos
+        t = int(pos.item())
+        seq = torch.cat([pixels[:, :1], pixels[:, :t]], 1)  # (N, t+1, C); pixel 0's ignored
+        pos_all = torch.arange(t + 1, device=pos.device)
+        h = model.decode(model.embed(_with_twins(seq, rp.gidx), pos_all, s.cond), s.text)
+        h = h[:, -1:]
+    earlier: list[torch.Tensor] = []
+    for c in range(C):
+        logits = model.channel_logits(h, earlier, pos, c)[:, 0]  # (B, 256)
+        t_c = pos * C + c
+        nxt = next_tokens(logits, rp, s.u.index_select(1, t_c).squeeze(1))  # (N,)
+        logp = torch.log_softmax(logits[:N], dim=-1).gather(1, nxt[:, None]).squeeze(1)
+        s.bits.sub_(logp.double() / math.log(2.0))
+        s.tokens.index_copy_(1, t_c, nxt[:, None])
+        earlier.append(_with_twins(nxt, rp.gidx)[:, None])  # (B, 1)
+    s.pos.add_(1)
+
+
+def prepare_state(model: PromptPix, rows: _Rows, rp: RowParams, use_cache: bool,
+                  kv_dtype: torch.dtype) -> DecodeState:
+    """The network's condition for `rows` (+ twins of `rp.gidx`) and fresh buffers."""
+    device = model.device
+    N, G = len(rows.texts), rp.gidx.numel()
+    texts = rows.texts + [""] * G
+    labels = None if rows.labels is None else rows.labels + [-1] * G
+    ids, mask = model.tokenize(texts)
+    cond, text = model.condition(ids, mask, model.labels(labels, N + G))
+    T = model.config.seq_len
+    return DecodeState(
+        cond=cond, text=text, caches=model.new_caches(N + G, kv_dtype) if use_cache else None,
+        rp=rp, u=rows.u.to(device), tokens=torch.zeros(N, T, dtype=torch.long, device=device),
+        bits=torch.zeros(N, dtype=torch.float64, device=device),
+        pos=torch.zeros(1, dtype=torch.long, device=device))
+
+
+class Sampled(list):
+    """`generate_batch`'s result: per request its images (or None if stopped), and as
+    `.bits` per request each image's bits/dim under its prompt (or None)."""
+
+    bits: list[torch.Tensor | None]
+
+
 @torch.inference_mode()
 def generate_batch(
     model: PromptPix,
     requests: Sequence[SampleRequest],
     use_cache: bool = True,
     decoder: StaticDecoder | None = None,
-) -> list[torch.Tensor | None]:
+) -> Sampled:
     """Sample several requests in one batch; per request uint8 images, or None if stopped.
 
     Each request's `progress` gets only its own rows; its `should_stop` stops only it (its
-    rows are still computed to the end of the batch, just never reported). `decoder` (see
-    `model.compile`) runs the steps over static shapes, compiled; None runs eager.
+    rows are still computed to the end of the batch, just never reported). `decoder`
+    (`model.StaticDecoder`, `model.compiled_decoder`) runs the steps over bucketed static
+    shapes, compiled; None runs eager. The result's `.bits[j]` (N_j,) holds each image's
+    exact bits/dim under its own prompt and class (conditional logits, before guidance,
+    temperature and filtering).
     """
     c = model.config
+    out = Sampled()
+    out.bits = []
     if not requests:
-        return []
+        return out
     rows = _layout(model, requests)
     device = model.device
-    N, T = len(rows.texts), c.seq_len
-    rows_total, row_len = c.image_size, c.image_size * c.channels
+    N, P, W = len(rows.texts), model.num_pixels, c.image_size
     active = [True] * len(requests)
     # bf16 on CUDA (logits and sampling stay fp32); fp32 elsewhere for exactness.
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -252,65 +348,37 @@ def generate_batch(
     try:
         with autocast:
             if decoder is not None:
-                step, read_tokens = decoder.begin(rows, use_bf16)
+                step, state = decoder.begin(rows, use_bf16)
             else:
-                step, read_tokens = _eager_steps(model, rows, use_cache, use_bf16)
-            for t in range(T):
-                step(t)
-                if (t + 1) % row_len:
+                kv = torch.bfloat16 if use_bf16 else torch.float32
+                state = prepare_state(model, rows, row_params(rows, device), use_cache, kv)
+
+                def step() -> None:
+                    decode_step(model, state)
+            for p in range(P):
+                step()
+                if (p + 1) % W:
                     continue
-                rows_done = (t + 1) // row_len
+                rows_done = (p + 1) // W
                 for j, r in enumerate(requests):
                     if not active[j]:
                         continue
                     a, b = rows.spans[j]
                     if r.progress is not None:
-                        r.progress(rows_done, rows_total,
-                                   tokens_to_images(read_tokens()[a:b], c.channels, c.image_size))
-                    if r.should_stop is not None and rows_done < rows_total and r.should_stop():
+                        r.progress(rows_done, c.image_size,
+                                   tokens_to_images(state.tokens[a:b], c.channels, c.image_size))
+                    if r.should_stop is not None and rows_done < c.image_size and r.should_stop():
                         active[j] = False
                 if not any(active):
                     break
-            tokens = read_tokens()[:N]
+            tokens, bits = state.tokens[:N], state.bits[:N] / c.seq_len
     finally:
-        model.free_caches()
         model.train(was_training)
     images = tokens_to_images(tokens, c.channels, c.image_size)
-    return [images[a:b] if active[j] else None for j, (a, b) in enumerate(rows.spans)]
-
-
-def _eager_steps(
-    model: PromptPix, rows: _Rows, use_cache: bool, use_bf16: bool
-) -> tuple[Callable[[int], None], Callable[[], torch.Tensor]]:
-    """The plain per-token loop body (prefill at 0, then decode_one), and the token reader."""
-    device = model.device
-    rp = row_params(rows, device)
-    N, G = len(rows.texts), rp.gidx.numel()
-    # Network batch: every output row, then the unconditional twin of each guided row.
-    texts = rows.texts + [""] * G
-    labels = None if rows.labels is None else rows.labels + [-1] * G
-    B = N + G
-    ids, mask = model.tokenize(texts)
-    cond, text = model._condition(ids, mask, model._labels(labels, B))
-    u = rows.u.to(device)
-    tokens = torch.zeros(N, model.config.seq_len, dtype=torch.long, device=device)
-    if use_cache:
-        model.setup_caches(B, torch.bfloat16 if use_bf16 else torch.float32)
-    state = {"prev": torch.full((B,), START, dtype=torch.long, device=device)}
-
-    def step(t: int) -> None:
-        prev = state["prev"]
-        if not use_cache:
-            logits = _recompute(model, tokens, t, cond, text, G > 0, rp.gidx)
-        elif t == 0:
-            logits = model.prefill(prev[:, None], cond, text)
-        else:
-            logits = model.decode_one(prev, t, cond, text)
-        nxt = next_tokens(logits, rp, u[:, t])
-        tokens[:, t] = nxt
-        state["prev"] = torch.cat([nxt, nxt.index_select(0, rp.gidx)]) if G else nxt
-
-    return step, lambda: tokens
+    for j, (a, b) in enumerate(rows.spans):
+        out.append(images[a:b] if active[j] else None)
+        out.bits.append(bits[a:b].float().cpu() if active[j] else None)
+    return out
 
 
 @torch.inference_mode()
@@ -327,12 +395,15 @@ def generate(
     use_cache: bool = True,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> torch.Tensor:
+    return_bits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample uint8 images (len(prompts) * num_images, C, H, W), prompt-major.
 
     `guidance_scale=None` uses `model.default_guidance_scale` (the checkpoint's, set by
     `load_checkpoint`); 1.0 is no guidance. `progress(rows_done, rows_total, partial)` runs
     after each image row; `should_stop()` is checked then too and raises GenerationStopped.
+    `return_bits=True` returns (images, bits) where bits (N,) float is each image's exact
+    bits/dim under its prompt (what `model.nll` gives for it, to float rounding).
     """
     done = {"rows": 0}
 
@@ -343,28 +414,12 @@ def generate(
 
     req = SampleRequest(list(prompts), num_images, class_labels, temperature, top_k, top_p,
                         guidance_scale, seed, counting, should_stop)
-    out = generate_batch(model, [req], use_cache=use_cache)[0]
+    result = generate_batch(model, [req], use_cache=use_cache)
+    out = result[0]
     if out is None:
         raise GenerationStopped(f"stopped after {done['rows']}/{model.config.image_size} rows")
+    if return_bits:
+        bits = result.bits[0]
+        assert bits is not None
+        return out, bits
     return out
-
-
-def _recompute(
-    model: PromptPix, tokens: torch.Tensor, t: int, cond, text, guided: bool,
-    gidx: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The uncached reference: a full causal forward over positions 0..t; logits of t.
-
-    Guided: the unconditional rows repeat `tokens[gidx]` (all rows when gidx is None)."""
-    if guided:
-        twins = tokens if gidx is None else tokens.index_select(0, gidx)
-        seq = torch.cat([tokens, twins])
-    else:
-        seq = tokens
-    inputs = torch.cat(
-        [torch.full((seq.shape[0], 1), START, dtype=torch.long, device=seq.device), seq[:, :t]], 1
-    )
-    x = model.value_emb(inputs) + model._pos(0, t + 1) + cond[:, None, :]
-    for i, block in enumerate(model.blocks):
-        x = block(x, text[i] if text is not None else None)
-    return model._head(x[:, -1:], t)[:, 0]

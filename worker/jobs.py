@@ -17,9 +17,7 @@ import torch
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from model import PromptPix
-from model.compile import StaticDecoder
-from model.sampling import SampleRequest, generate_batch
+from model import PromptPix, SampleRequest, StaticDecoder, generate_batch
 
 from . import metrics
 from .images import grey_preview, preview_png, result_pngs

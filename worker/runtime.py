@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     info = model_info(model, meta)
     logger.info("loaded %s (model %s, %d parameters) on %s in %.1f s", checkpoint, info["id"],
                 info["parameters"], device, time.perf_counter() - t0)
-    from model.compile import compiled_decoder
+    from model import compiled_decoder
 
     decoder, why = compiled_decoder(model, settings.compile)
     log = logger.warning if settings.compile and decoder is None else logger.info

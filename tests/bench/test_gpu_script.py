@@ -29,8 +29,8 @@ def test_gpu_script_dry_run_exercises_every_section(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     table = out.read_text()
     for figure in ("cached vs full-forward logits", "seeds reproduce", "sample 4 x",
-                   "train 4x4", "train 8x8", "sub-px/s at batch 2, static decode step",
-                   "sub-px/s at batch 2, eager decode", "total time"):
+                   "train 4x4", "train 8x8", "px/s at batch 2, static decode step",
+                   "px/s at batch 2, eager decode", "return_bits", "total time"):
         assert figure in table, (figure, table)
     assert "FAIL" not in table and "skipped" not in table and "out of memory" not in table
 

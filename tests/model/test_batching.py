@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.compile import StaticDecoder, batch_bucket, compiled_decoder, decode_step
-from model.sampling import SampleRequest, generate_batch
+from model import SampleRequest, StaticDecoder, compiled_decoder, generate_batch
+from model.compile import batch_bucket
+from model.sampling import decode_step
 
 from .conftest import CAPTIONS, scrambled
 

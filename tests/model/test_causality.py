@@ -58,3 +58,29 @@ def test_earlier_subpixel_changes_later_logits(make_model):
         out = model.forward_logits(changed, CAPTIONS[:1])
     assert (out[:, 0] - base[:, 0]).abs().max() == 0  # position 0 predicts token 0: blind to it
     assert (out[:, 1:] - base[:, 1:]).abs().amax(-1).min() > 1e-5  # every later position sees it
+
+
+def test_channel_head_is_causal_within_a_pixel(make_model):
+    """Inside pixel p: R sees neither G nor B of p; G moves with R of p, not with B of p;
+    B moves with R and G of p; every channel moves with the pixel before."""
+    model = scrambled(make_model())
+    c = model.config
+    C, P = c.channels, c.image_size * c.image_size
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (1, C, c.image_size, c.image_size), generator=gen,
+                           dtype=torch.uint8)
+    p = 5  # pixel (1, 1)
+    y, x = divmod(p, c.image_size)
+    with torch.no_grad():
+        base = model.forward_logits(images, CAPTIONS[:1]).view(P, C, 256)
+
+        def moved(ch: int) -> torch.Tensor:
+            changed = images.clone()
+            changed[0, ch, y, x] = (int(changed[0, ch, y, x]) + 97) % 256
+            out = model.forward_logits(changed, CAPTIONS[:1]).view(P, C, 256)
+            return (out[p] - base[p]).abs().amax(-1)  # (C,): how far each channel's moved
+
+        r, g, b = moved(0), moved(1), moved(2)
+    assert r[0] == 0 and g[0] == 0 and b[0] == 0  # R of p is blind to p's own values
+    assert r[1] > 1e-4 and g[1] == 0 and b[1] == 0  # G of p: R of p only
+    assert r[2] > 1e-4 and g[2] > 1e-4 and b[2] == 0  # B of p: R and G of p

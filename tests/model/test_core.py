@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, load_checkpoint, save_checkpoint
+from model import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from model.prior import count_frequency_prior
 
 from .conftest import CAPTIONS, scrambled, tiny_config
@@ -66,7 +66,7 @@ def test_checkpoint_round_trip_gives_identical_logits(make_model, tmp_path):
             model.forward_logits(images, CAPTIONS[:2], [0, 1]),
             loaded.forward_logits(images, CAPTIONS[:2], [0, 1]),
         )
-    assert meta["dataset"] == "shapes" and meta["format_version"] == 1
+    assert meta["dataset"] == "shapes" and meta["format_version"] == FORMAT_VERSION
     assert meta["default_guidance_scale"] == 2.0 and loaded.default_guidance_scale == 2.0
     assert len(meta["model_id"]) == 16 and meta["tokenizer"] == "word"
 
@@ -124,7 +124,11 @@ def test_corrupt_truncated_and_mismatched_files_are_named(make_model, tmp_path):
     torch.save(payload, tmp_path / "v99.pth")
     with pytest.raises(CheckpointError, match="format_version 99"):
         load_checkpoint(tmp_path / "v99.pth")
-    payload["format_version"] = 1
+    payload["format_version"] = 1  # the old sub-pixel layout
+    torch.save(payload, tmp_path / "v1.pth")
+    with pytest.raises(CheckpointError, match=r"sub-pixel layout.*retrain"):
+        load_checkpoint(tmp_path / "v1.pth")
+    payload["format_version"] = FORMAT_VERSION
     payload["config"]["hidden_dim"] = 64
     torch.save(payload, tmp_path / "mismatch.pth")
     with pytest.raises(CheckpointError, match="do not match"):
@@ -160,3 +164,43 @@ def test_model_package_imports_nothing_of_ours():
         "('app', 'worker', 'training')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prepare_image_equals_the_training_pipeline(tmp_path):
+    """An upload is prepared byte for byte as training prepares a dataset file: EXIF
+    orientation, RGBA composited on white, bicubic resize of the shorter side, centre crop."""
+    import numpy as np
+    from PIL import Image
+
+    from model import PromptPixError, prepare_image
+    from training.datasets.base import load_image
+
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (30, 47, 4), dtype=np.uint8), "RGBA")
+    path = tmp_path / "up.png"
+    rgba.save(path)
+    want = load_image(path, 16)
+    got = prepare_image(path.read_bytes(), 16, 3)
+    assert got.dtype == torch.uint8 and torch.equal(got, want)
+    assert torch.equal(prepare_image(path, 16, 3), want)
+    assert (got[:, 0, 0] > 0).all()  # transparency became white, not black
+    grey = prepare_image(path, 8, 1)
+    ref = Image.fromarray(load_image(path, 8).permute(1, 2, 0).numpy(), "RGB").convert("L")
+    assert grey.shape == (1, 8, 8) and np.array_equal(grey[0].numpy(), np.array(ref))
+    with pytest.raises(PromptPixError, match="cannot read the image"):
+        prepare_image(b"not an image", 8, 3)
+
+
+def test_resume_refuses_a_sub_pixel_checkpoint(make_model, tmp_path):
+    """`--resume` loads through load_checkpoint: a format_version 1 (sub-pixel layout) file
+    is refused with the same message, not half-loaded."""
+    from training.config import TrainConfig
+    from training.model_setup import load_for_resume
+
+    path = tmp_path / "latest.pth"
+    save_checkpoint(path, make_model(), train_state={"step": 3})
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 1
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"format_version 1: the old sub-pixel layout"):
+        load_for_resume(path, TrainConfig(), master=True)

@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from model import GenerationStopped, PromptPixError
-from model.network import START
-from model.prior import image_tokens
 
 from .conftest import CAPTIONS, scrambled
 
@@ -16,25 +14,28 @@ from .conftest import CAPTIONS, scrambled
     "overrides", [dict(), dict(use_text=False, num_classes=3), dict(channels=1)]
 )
 def test_prefill_and_decode_equal_full_forward(make_model, overrides):
+    """The cached path (a prefill of k pixels, then one pixel per step, each written into
+    the static cache by position) gives the full forward's logits for every sub-pixel."""
     model = scrambled(make_model(**overrides), std=0.1)
     c = model.config
-    images = torch.randint(0, 256, (3, c.channels, c.image_size, c.image_size), dtype=torch.uint8)
+    C, P = c.channels, model.num_pixels
+    images = torch.randint(0, 256, (3, C, c.image_size, c.image_size), dtype=torch.uint8)
     prompts = [CAPTIONS[0], CAPTIONS[1], ""]
     labels = [0, 2, -1] if c.num_classes else None
     with torch.no_grad():
-        full = model.forward_logits(images, prompts, labels)  # (B, T, 256)
+        full = model.forward_logits(images, prompts, labels).view(3, P, C, 256)
         ids, mask = model.tokenize(prompts)
-        cond, text = model._condition(ids, mask, model._labels(labels, 3))
-        tokens = image_tokens(images)
-        inputs = torch.cat([torch.full((3, 1), START), tokens[:, :-1]], 1)
-        model.setup_caches(3)
-        k = 5  # prefill a prefix, then one token at a time
-        step = [model.prefill(inputs[:, :k], cond, text)]
-        for t in range(k, c.seq_len):
-            step.append(model.decode_one(inputs[:, t], t, cond, text))
-        model.free_caches()
-    cached = torch.cat([step[0][:, None], torch.stack(step[1:], 1)], 1)
-    assert (cached - full[:, k - 1 :]).abs().max().item() <= 1e-4
+        cond, text = model.condition(ids, mask, model.labels(labels, 3))
+        values = images.permute(0, 2, 3, 1).reshape(3, P, C).long()
+        prev = torch.cat([values[:, :1], values[:, :-1]], 1)
+        caches = model.new_caches(3)
+        k = 5  # prefill a prefix, then one pixel at a time
+        chunks = [torch.arange(k)] + [torch.tensor([p]) for p in range(k, P)]
+        for pos in chunks:
+            h = model.decode(model.embed(prev[:, pos], pos, cond), text, caches, pos)
+            earlier = values[:, pos].unbind(-1)
+            got = torch.stack([model.channel_logits(h, earlier, pos, ch) for ch in range(C)], 2)
+            assert (got - full[:, pos]).abs().max().item() <= 1e-4, f"pixels {pos.tolist()}"
 
 
 def test_greedy_cached_equals_uncached(make_model):
@@ -134,3 +135,14 @@ def test_bad_sampling_parameters_are_named(make_model, kw):
 def test_class_label_on_a_classless_model_is_refused(make_model):
     with pytest.raises(PromptPixError, match="no classes"):
         make_model().generate(["x"], class_labels=[0])
+
+
+def test_return_bits_is_each_images_nll_under_its_prompt(make_model):
+    model = scrambled(make_model(), std=0.1)
+    kw = dict(num_images=2, seed=[4, 5, 6, 7], guidance_scale=2.0, temperature=0.8, top_k=20)
+    images, bits = model.generate(CAPTIONS[:2], return_bits=True, **kw)
+    assert torch.equal(images, model.generate(CAPTIONS[:2], **kw))
+    prompts = [CAPTIONS[0]] * 2 + [CAPTIONS[1]] * 2
+    with torch.no_grad():
+        want = model.nll(images, prompts)
+    assert bits.shape == (4,) and (bits - want).abs().max().item() <= 1e-4

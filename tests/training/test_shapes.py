@@ -139,3 +139,42 @@ def test_analyser_takes_tensors_and_blank_images() -> None:
                               "background": "black", "size": None}
     with pytest.raises(DatasetError, match="RGB"):
         analyse(np.zeros((16, 16), dtype=np.uint8))
+
+
+def test_training_split_has_partial_captions_and_varied_geometry() -> None:
+    """Training captions: about half name a non-empty subset of the facts, in the grammar's
+    words; training images: the same facts with varied geometry (the analyser still reads
+    them back). Validation stays the grammar, pixel for pixel."""
+    from training.datasets.shapes import PARTIAL_PROB, ShapesDataset
+
+    n = 400
+    train = ShapesDataset(16, "train", shapes_train_size=n)
+    caps = train.captions()
+    assert caps == ShapesDataset(16, "train", shapes_train_size=n).captions()
+    partial = []
+    for i, cap in enumerate(caps):
+        facts = render(i, 16)[2]
+        try:
+            assert parse_caption(cap) == facts
+        except DatasetError:
+            partial.append((cap, facts))
+    assert abs(len(partial) / n - PARTIAL_PROB) < 0.1
+    short = 0
+    for cap, facts in partial:
+        named = [k for k in ("colour", "shape", "size", "background") if str(facts[k]) in cap]
+        named += ["position"] if f"in the {facts['position']}" in cap else []
+        assert named, cap  # at least one fact, and only true ones: no other word of a vocab
+        for vocab in (COLOURS, SHAPES, SIZES, BACKGROUNDS):
+            said = [w for w in vocab if re.search(rf"\b{w}\b", cap)]
+            assert len(said) <= 1 and all(w in facts.values() for w in said), cap
+        short += cap == f"a {facts['colour']} {facts['shape']}"
+    assert short >= 3  # "a red circle" is among them
+    varied = sum(not np.array_equal(train[i][0].permute(1, 2, 0).numpy(), render(i, 16)[0])
+                 for i in range(100))
+    assert varied > 50
+    read = [analyse(train[i][0]) for i in range(100)]
+    ok = sum(all(r[k] == render(i, 16)[2][k] for k in FOUR) for i, r in enumerate(read))
+    assert ok >= 90
+    val = ShapesDataset(16, "val")
+    assert val.captions()[:50] == [render(1_000_000 + i, 16)[1] for i in range(50)]
+    assert torch.equal(val[3][0], torch.from_numpy(render(1_000_003, 16)[0]).permute(2, 0, 1))

@@ -50,6 +50,15 @@ POSITION_CENTRE = {  # bounding-box centre as fractions of (width, height)
 }
 JITTER = 0.04  # the largest shift of the centre, as a fraction of the image side
 PARAPHRASE_PROB = 0.3
+# Training split only (validation and `render` stay the grammar above):
+# - a share of captions name a random non-empty subset of the facts ("a red circle"), so
+#   an underspecified prompt follows what it says and samples the rest;
+# - geometry varies: continuous sizes, more jitter and three rasterisations, so the model
+#   is not tied to one renderer's exact pixels.
+PARTIAL_PROB = 0.5
+VARIED_SIZE = {"small": (0.24, 0.36), "large": (0.48, 0.62)}  # side / image side, uniform
+VARIED_JITTER = 0.08
+SUPERSAMPLE = 4  # the anti-aliased and sub-pixel rasterisations draw at 4x
 MIN_SIZE, MAX_SIZE = 8, 64
 TRAIN_SIZE = 50_000
 VAL_START, VAL_SIZE = 1_000_000, 2_000
@@ -138,14 +147,32 @@ def _triangle_rows(d: int) -> list[int]:
     return [r + 1 + (r + 1 - d) % 2 for r in range(d)]
 
 
-def render(index: int, image_size: int) -> tuple[np.ndarray, str, Facts]:
-    """Draw image `index` of the shapes dataset: (uint8 [H, W, 3], caption, facts)."""
+def render(index: int, image_size: int, varied: bool = False
+           ) -> tuple[np.ndarray, str, Facts]:
+    """Draw image `index` of the shapes dataset: (uint8 [H, W, 3], caption, facts).
+
+    `varied` (the training split) draws the same facts with varied geometry: a continuous
+    size within the size's band, up to `VARIED_JITTER` of centre jitter, and one of three
+    rasterisations chosen by the index — the grammar's pixel-exact one, a hard-edged one
+    at sub-pixel coordinates, or an anti-aliased one (edges blended with the background).
+    """
     if not MIN_SIZE <= image_size <= MAX_SIZE:
         raise DatasetError(f"shapes image_size must be in {MIN_SIZE}..{MAX_SIZE}, got {image_size}")
     s = image_size
     facts, jx, jy, form = _draw_facts(random.Random(index))
-    d = max(2, round(SIZE_FRACTION[facts["size"]] * s))  # bounding-box side in pixels
+    caption = TEMPLATES[form].format(**facts)
     fx, fy = POSITION_CENTRE[facts["position"]]
+    if varied:
+        rng = random.Random(f"geometry:{index}")
+        frac = rng.uniform(*VARIED_SIZE[facts["size"]])
+        jx, jy = rng.uniform(-VARIED_JITTER, VARIED_JITTER), rng.uniform(-VARIED_JITTER,
+                                                                         VARIED_JITTER)
+        style = rng.choice(("exact", "subpixel", "antialiased"))
+        if style != "exact":
+            return _render_fine(facts, s, frac, fx + jx, fy + jy, style), caption, facts
+        d = max(2, round(frac * s))
+    else:
+        d = max(2, round(SIZE_FRACTION[facts["size"]] * s))  # bounding-box side in pixels
     # Top-left pixel of the box; clamped so large corner shapes stay whole in the frame.
     x0 = min(max(round((fx + jx) * s - d / 2), 0), s - d)
     y0 = min(max(round((fy + jy) * s - d / 2), 0), s - d)
@@ -161,8 +188,50 @@ def render(index: int, image_size: int) -> tuple[np.ndarray, str, Facts]:
         for r, w in enumerate(_triangle_rows(d)):
             left = x0 + (d - w) // 2
             draw.line((left, y0 + r, left + w - 1, y0 + r), fill=fill)
-    caption = TEMPLATES[form].format(**facts)
     return np.asarray(img, dtype=np.uint8).copy(), caption, facts
+
+
+def _render_fine(facts: Facts, s: int, frac: float, cx: float, cy: float, style: str
+                 ) -> np.ndarray:
+    """The shape at sub-pixel coordinates, drawn at `SUPERSAMPLE`x as a coverage mask, then
+    box-filtered down: "antialiased" blends the edges, "subpixel" thresholds at half."""
+    k = SUPERSAMPLE
+    d = frac * s
+    cx = min(max(cx * s, d / 2), s - d / 2)  # the whole shape stays in the frame
+    cy = min(max(cy * s, d / 2), s - d / 2)
+    x0, y0, x1, y1 = ((cx - d / 2) * k, (cy - d / 2) * k, (cx + d / 2) * k, (cy + d / 2) * k)
+    mask = Image.new("L", (s * k, s * k), 0)
+    draw = ImageDraw.Draw(mask)
+    if facts["shape"] == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=255)
+    elif facts["shape"] == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=255)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
+    cover = np.asarray(mask.resize((s, s), Image.Resampling.BOX), dtype=np.float64) / 255.0
+    if style == "subpixel":
+        cover = (cover >= 0.5).astype(np.float64)
+    bg = np.array(BACKGROUND_RGB[facts["background"]], dtype=np.float64)
+    fg = np.array(PALETTE[facts["colour"]], dtype=np.float64)
+    img = bg + cover[..., None] * (fg - bg)
+    return np.rint(img).clip(0, 255).astype(np.uint8)
+
+
+def partial_caption(facts: Facts, rng: random.Random) -> str:
+    """A caption naming a random non-empty subset of the facts, in the template's order:
+    "a red circle", "a large shape in the top left", "a triangle on a black background"."""
+    while True:
+        keep = {k for k in FACT_KEYS if rng.random() < 0.5}
+        if keep:
+            break
+    words = ["a"]
+    words += [str(facts[k]) for k in ("size", "colour") if k in keep]
+    words.append(str(facts["shape"]) if "shape" in keep else "shape")
+    if "position" in keep:
+        words.append(f"in the {facts['position']}")
+    if "background" in keep:
+        words.append(f"on a {facts['background']} background")
+    return " ".join(words)
 
 
 def _nearest(rgb: np.ndarray, colours: np.ndarray) -> np.ndarray:
@@ -292,6 +361,9 @@ class ShapesDataset(Dataset):
         # Training captions only: validation stays in the grammar, so bits/dim and the
         # evaluation's prompts mean the same with and without rewording.
         self.synonym_prob = synonym_prob if split == "train" else 0.0
+        # Partial captions and varied geometry are for training only, likewise.
+        self.partial_prob = PARTIAL_PROB if split == "train" else 0.0
+        self.varied = split == "train"
         self.start = 0 if split == "train" else VAL_START
         self.size = shapes_train_size if split == "train" else VAL_SIZE
 
@@ -306,16 +378,19 @@ class ShapesDataset(Dataset):
 
     def _caption(self, index: int, caption: str, facts: Facts) -> str:
         """`caption`, or with probability `synonym_prob` (its own draw from the index) the
-        facts reworded with the training synonym list (`training.paraphrase`)."""
+        facts reworded with the training synonym list (`training.paraphrase`), or else with
+        probability `partial_prob` (another draw) a caption of some of the facts."""
         if self.synonym_prob and random.Random(f"synonyms:{index}").random() < self.synonym_prob:
             from training.paraphrase import reword_for_training
 
             return reword_for_training(facts, random.Random(f"reword:{index}"))
+        if self.partial_prob and random.Random(f"partial:{index}").random() < self.partial_prob:
+            return partial_caption(facts, random.Random(f"subset:{index}"))
         return caption
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
         index = self.index_of(i)
-        img, caption, facts = render(index, self.image_size)
+        img, caption, facts = render(index, self.image_size, varied=self.varied)
         caption = self._caption(index, caption, facts)
         return torch.from_numpy(img.transpose(2, 0, 1).copy()), caption, -1
 
