@@ -19,7 +19,7 @@ from .deps import Limiters
 from .errors import install_error_handlers
 from .metrics import MetricsMiddleware
 from .middleware import BodyLimitMiddleware, HostCheckMiddleware, SecurityHeadersMiddleware
-from .routes import docs, generations, models, service, web
+from .routes import docs, generations, models, scores, service, web
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limiters = Limiters.for_store(store)
     install_error_handlers(app)
     app.include_router(generations.router)
+    app.include_router(scores.router)
     app.include_router(models.router)
     app.include_router(service.router)
     app.include_router(web.router)
@@ -61,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = outermost: the body limit sees the request before anything reads it;
     # the Host check refuses before that, and every answer (refusals too) gets the headers.
     app.add_middleware(MetricsMiddleware)
-    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes,
+                       upload_paths=scores.UPLOAD_PATHS)
     app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
     app.add_middleware(SecurityHeadersMiddleware)
     return app

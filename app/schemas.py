@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.protocol import MAX_SEED, SamplingParams
+from worker.protocol import MAX_IMAGES, MAX_SEED, SamplingParams
 
 
 class GenerationRequest(SamplingParams):
@@ -23,6 +23,10 @@ class GenerationRequest(SamplingParams):
     )
 
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="null = drawn and returned")
+    best_of: int | None = Field(
+        None, ge=1, le=MAX_IMAGES,
+        description="sample this many (num_images..4x num_images, counted against "
+                    "PROMPTPIX_MAX_IMAGES) and return the num_images most probable")
 
 
 class JobCreated(BaseModel):
@@ -65,6 +69,8 @@ class JobView(BaseModel):
     started_at: str | None
     finished_at: str | None
     images: list[str]
+    image_bits_per_dim: list[float] | None = Field(
+        None, description="each image's exact bits/dim under its prompt (when succeeded)")
     preview_url: str | None
     error: JobErrorOut | None
 

@@ -7,9 +7,12 @@ error codes, payload validation, the job store and the reaper.
 from .reaper import Periodic, reap_once, start_reaper
 from .record import JobRecord
 from .schema import (
+    DEFAULT_TOLERANCE,
     JOB_FUNC,
     JOB_FUNCS,
+    MAX_BEST_OF_FACTOR,
     MAX_BODY_BYTES,
+    MAX_CAPTIONS,
     MAX_CLASS_LABEL,
     MAX_GUIDANCE_SCALE,
     MAX_IMAGES,
@@ -28,9 +31,13 @@ from .schema import (
     PayloadError,
     ProtocolError,
     SamplingParams,
+    ScoreParams,
+    ScorePayload,
     Transition,
     canonical_json,
     parse_payload,
+    parse_score_payload,
+    payload_kind,
     rq_job_id,
 )
 from .settings import Settings, describe_settings_error, get_settings
@@ -45,9 +52,12 @@ from .store import (
 )
 
 __all__ = [
+    "DEFAULT_TOLERANCE",
     "JOB_FUNC",
     "JOB_FUNCS",
+    "MAX_BEST_OF_FACTOR",
     "MAX_BODY_BYTES",
+    "MAX_CAPTIONS",
     "MAX_CLASS_LABEL",
     "MAX_GUIDANCE_SCALE",
     "MAX_IMAGES",
@@ -73,12 +83,16 @@ __all__ = [
     "QuotaExceeded",
     "Requeue",
     "SamplingParams",
+    "ScoreParams",
+    "ScorePayload",
     "Settings",
     "Transition",
     "canonical_json",
     "describe_settings_error",
     "get_settings",
     "parse_payload",
+    "parse_score_payload",
+    "payload_kind",
     "reap_once",
     "redis_connection",
     "rq_job_id",

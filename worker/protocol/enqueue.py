@@ -17,10 +17,12 @@ from .schema import (
     Admission,
     GenerationParams,
     IdempotencyConflict,
+    JobKind,
     JobStatus,
     Keys,
     QueueFull,
     QuotaExceeded,
+    ScoreParams,
     rq_job_id,
 )
 
@@ -32,11 +34,12 @@ class EnqueueOps(StoreBase):
 
     def create_job(
         self,
-        params: GenerationParams,
+        params: GenerationParams | ScoreParams,
         owner: str = "",
         idempotency: tuple[str, str] | None = None,
         test_hooks: dict[str, Any] | None = None,
         quota_who: str = "",
+        upload: bytes | None = None,
     ) -> tuple[str, bool]:
         """Admit and enqueue a job; return (job id, created).
 
@@ -46,8 +49,10 @@ class EnqueueOps(StoreBase):
         `IdempotencyConflict`; then `QueueFull` past PROMPTPIX_MAX_QUEUE waiting jobs, and
         `QuotaExceeded` past PROMPTPIX_MAX_QUEUED_PER_KEY waiting jobs of `quota_who` (the
         caller's key or address; '' = not capped). The RQ entry follows; if that write
-        fails, the admission is undone.
+        fails, the admission is undone. `ScoreParams` make a `score` job; `upload` (the
+        submitted image) is stored beside the job, in the RQ entry's step.
         """
+        kind = JobKind.SCORE if isinstance(params, ScoreParams) else JobKind.GENERATE
         ttl = self.settings.result_ttl
         params_dict = params.model_dump(mode="json")
         job_id = uuid.uuid4().hex
@@ -57,7 +62,7 @@ class EnqueueOps(StoreBase):
             id=job_id, status=JobStatus.QUEUED, attempt=1, retries=0,
             rq_id=rq_job_id(job_id, 1), owner=owner, params=params_dict,
             created_at=time.time(), idem=idempotency[0] if idempotency else "",
-            test_hooks=test_hooks or None, quota=quota_key,
+            test_hooks=test_hooks or None, quota=quota_key, kind=kind,
         ).new_hash()
         job_key = Keys.job(job_id)
         out = self._admit(
@@ -80,13 +85,16 @@ class EnqueueOps(StoreBase):
                                 "(PROMPTPIX_MAX_QUEUED_PER_KEY); retry when one has started")
         try:
             with self.r.pipeline() as pipe:
-                self._enqueue(pipe, job_id, 1, params_dict, test_hooks, at_front=False)
+                self._enqueue(pipe, job_id, 1, params_dict, test_hooks, at_front=False,
+                              kind=kind)
+                if upload is not None:  # in RQ's MULTI: the entry never exists without it
+                    pipe.set(Keys.upload(job_id), upload, ex=ttl)
                 pipe.execute()
         except redis.RedisError:
             # Undo the admission (best effort: a crash here leaves a `queued` job without an
             # entry, which the reaper's orphan sweep enqueues).
             with contextlib.suppress(redis.RedisError), self.r.pipeline() as pipe:
-                pipe.delete(job_key)
+                pipe.delete(job_key, Keys.upload(job_id))
                 pipe.zrem(Keys.queued, job_id)
                 if quota_key:
                     pipe.zrem(quota_key, job_id)
@@ -94,5 +102,5 @@ class EnqueueOps(StoreBase):
                     pipe.delete(idempotency[0])
                 pipe.execute()
             raise
-        logger.info("job %s queued (owner %s)", job_id, owner[:8] or "-")
+        logger.info("%s job %s queued (owner %s)", kind.value, job_id, owner[:8] or "-")
         return job_id, True

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import JobStatus, ProtocolError
+from .schema import JobKind, JobStatus, ProtocolError
 
 
 def _text(raw: Mapping[bytes | str, bytes | str], name: str) -> str:
@@ -52,6 +52,8 @@ class JobRecord:
     idem: str = ""  # the Idempotency-Key's Redis key, if any
     quota: str = ""  # the caller's waiting-jobs zset, if capped
     test_hooks: Any = None
+    kind: JobKind = JobKind.GENERATE
+    result: Any = None  # what the job computed besides images (bits/dim, a score's results)
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, Any]) -> JobRecord:
@@ -70,6 +72,8 @@ class JobRecord:
                 error_code=t("error_code"), error_message=t("error_message"),
                 idem=t("idem"), quota=t("quota"),
                 test_hooks=_json_or_text(t("test_hooks")) if t("test_hooks") else None,
+                kind=JobKind(t("kind") or JobKind.GENERATE.value),
+                result=_json_or_text(t("result")) if t("result") else None,
             )
         except ValueError as e:
             raise ProtocolError(f"job hash {t('id')!r} is not a job record: {e}") from e
@@ -82,13 +86,15 @@ class JobRecord:
             "params": json.dumps(self.params), "created_at": repr(self.created_at),
             "progress": "0", "has_preview": "0", "images": "0", "idem": self.idem,
             "test_hooks": json.dumps(self.test_hooks) if self.test_hooks else "",
-            "quota": self.quota,
+            "quota": self.quota, "kind": self.kind.value,
         }
 
     def payload(self) -> dict[str, Any]:
         """The RQ payload of the current attempt (unvalidated: `parse_payload` checks it)."""
         out: dict[str, Any] = {"job_id": self.id, "attempt": self.attempt,
                                "params": self.params}
+        if self.kind is not JobKind.GENERATE:
+            out["kind"] = self.kind.value
         if self.test_hooks:
             out["test_hooks"] = self.test_hooks
         return out

@@ -1,0 +1,244 @@
+"""Score jobs, exact bits/dim of generated images, best_of and `Prefer: wait`, end to end:
+real Redis, a real `promptpix worker` with a tiny trained model, a real uvicorn API."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import torch
+from PIL import Image
+
+from app.redis_server import free_port
+from tests.worker.helpers import (
+    CAPTIONS,
+    COLOURS,
+    Proc,
+    make_tiny_checkpoint,
+    start_api,
+    start_worker,
+    wait_for,
+    wait_worker_ready,
+)
+
+SIZE = 8
+UPLOAD_LIMIT = 300_000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.getbasetemp() / "tiny_scores.pth", steps=60)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint: Path) -> Any:
+    from model import load_checkpoint
+
+    torch.set_grad_enabled(False)
+    m, _ = load_checkpoint(checkpoint, map_location="cpu")
+    yield m.eval()
+    torch.set_grad_enabled(True)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server: Any, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[httpx.Client]:
+    url = redis_server.url
+    redis.Redis.from_url(url).flushall()
+    tmp = tmp_path_factory.mktemp("scores")
+    worker = start_worker(url, checkpoint, tmp / "worker.log")
+    procs: list[Proc] = [worker]
+    try:
+        wait_worker_ready(url, worker)
+        port = free_port()
+        procs.append(start_api(url, port, tmp / "api.log", PROMPTPIX_RATE_LIMIT="0",
+                               PROMPTPIX_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT)))
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def png_b64(colour: tuple[int, int, int], size: int = SIZE, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def poll(client: httpx.Client, url: str, timeout: float = 90.0) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        r = client.get(url)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        return job if job["status"] in ("succeeded", "failed", "canceled") else None
+
+    return dict(wait_for(done, timeout, f"{url} to finish", every=0.05))
+
+
+def test_score_ranks_captions_with_exact_bits(stack: httpx.Client, model: Any) -> None:
+    """A red square scored against the four training captions: results in request order,
+    bits/dim equal to model.nll of the prepared image, posterior = softmax(-bits*T*ln2) of
+    the tolerant bits, red ranked first, the unconditional bits, a viewable heatmap."""
+    from model import prepare_image
+
+    image = png_b64(COLOURS["red"])
+    captions = [CAPTIONS[1], CAPTIONS[0], CAPTIONS[2], CAPTIONS[3]]  # red second
+    r = stack.post("/v1/scores", json={"image": image, "captions": captions})
+    assert r.status_code == 202, r.text
+    created = r.json()
+    assert set(created) >= {"id", "status", "status_url"}
+    assert created["status_url"] == f"/v1/scores/{created['id']}"
+    job = poll(stack, created["status_url"])
+    assert job["status"] == "succeeded", job
+    assert [e["caption"] for e in job["results"]] == captions
+    assert job["resized"] is False
+    assert job["ranking"][0] == 1, job  # "a red square"
+    assert "image" not in job["params"] and job["params"]["tolerance"] == 0.01
+
+    x = prepare_image(base64.b64decode(image), SIZE, 3)
+    want = model.nll(x[None].expand(4, -1, -1, -1), captions).tolist()
+    got = [e["bits_per_dim"] for e in job["results"]]
+    assert np.allclose(got, want, atol=1e-4), (got, want)
+    uncond = float(model.nll(x[None], [""])[0])
+    assert math.isclose(job["unconditional_bits_per_dim"], uncond, abs_tol=1e-4)
+    T = SIZE * SIZE * 3
+    tolerant = np.array([e["bits_per_dim_tolerant"] for e in job["results"]])
+    # Mixing in a uniform share eps costs an expected sub-pixel at most -log2(1 - eps) bits
+    # and caps an unexpected one at log2(256 / eps).
+    assert (tolerant <= np.array(got) - math.log2(0.99) + 1e-9).all()
+    logits = -tolerant * T * math.log(2)
+    posterior = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    probs = [e["probability"] for e in job["results"]]
+    assert np.allclose(probs, posterior, atol=1e-6) and math.isclose(sum(probs), 1, rel_tol=1e-6)
+    assert job["ranking"] == sorted(range(4), key=lambda n: -probs[n])
+
+    heat = stack.get(job["surprise_url"])
+    assert heat.status_code == 200 and heat.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(heat.content))
+    assert img.width >= 256 and img.height >= 256
+
+    # A job id read under the other kind's route is 404.
+    assert stack.get(f"/v1/generations/{created['id']}").status_code == 404
+    assert stack.get(f"/v1/generations/{created['id']}/images/0.png").status_code == 404
+    # A finished score cannot be canceled.
+    assert stack.delete(created["status_url"]).json()["error"]["code"] == "not_cancelable"
+
+
+def test_score_resizes_other_sizes_and_takes_jpeg(stack: httpx.Client) -> None:
+    r = stack.post("/v1/scores", json={"image": png_b64(COLOURS["blue"], 20, "JPEG"),
+                                       "captions": ["a blue square"], "tolerance": 0})
+    assert r.status_code == 202, r.text
+    job = poll(stack, r.json()["status_url"])
+    assert job["status"] == "succeeded", job
+    assert job["resized"] is True
+    assert job["results"][0]["probability"] == 1.0
+    assert "bits_per_dim_tolerant" not in job["results"][0] or \
+        job["results"][0]["bits_per_dim_tolerant"] is None
+
+
+def test_unreadable_image_fails_alone_invalid_request(stack: httpx.Client) -> None:
+    """A file with a PNG signature but no image passes the API's format check; the worker
+    fails that job `invalid_request` and serves the next one."""
+    bad = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4).decode()
+    first = stack.post("/v1/scores", json={"image": bad, "captions": ["a red square"]})
+    second = stack.post("/v1/scores", json={"image": png_b64(COLOURS["green"]),
+                                            "captions": ["a green square"]})
+    assert first.status_code == second.status_code == 202
+    failed = poll(stack, first.json()["status_url"])
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "invalid_request", failed
+    assert "cannot take this image" in failed["error"]["message"]
+    assert poll(stack, second.json()["status_url"])["status"] == "succeeded"
+
+
+def test_api_checks_format_size_and_captions(stack: httpx.Client) -> None:
+    def post(body: dict[str, Any]) -> httpx.Response:
+        return stack.post("/v1/scores", json=body)
+
+    r = post({"image": base64.b64encode(b"GIF89a....").decode(), "captions": ["x"]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "image", r.text
+    assert post({"image": "%%%not base64", "captions": ["x"]}).status_code == 422
+    assert post({"image": png_b64((0, 0, 0)), "captions": []}).status_code == 422
+    assert post({"image": png_b64((0, 0, 0)), "captions": ["x"] * 33}).status_code == 422
+    assert post({"image": png_b64((0, 0, 0)), "captions": ["a", "b"],
+                 "class_labels": [0]}).status_code == 422
+    assert post({"image": png_b64((0, 0, 0)), "captions": ["a"],
+                 "tolerance": 0.9}).status_code == 422
+    r = post({"image": png_b64((0, 0, 0)), "captions": ["a"], "model": "nope"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    # The upload route's body limit is PROMPTPIX_MAX_UPLOAD_BYTES; others keep 64 KiB.
+    big = png_b64((0, 0, 0)) + "A" * 100_000
+    assert post({"image": big, "captions": ["a"]}).status_code == 202  # over 64 KiB: taken
+    huge = "A" * (UPLOAD_LIMIT + 10)
+    assert post({"image": huge, "captions": ["a"]}).status_code == 413
+    r = stack.post("/v1/generations", json={"prompt": "a" * 10, "pad": "A" * 100_000})
+    assert r.status_code == 413
+
+
+def test_idempotency_keys_are_scoped_by_kind(stack: httpx.Client) -> None:
+    headers = {"Idempotency-Key": "same-key-both-kinds"}
+    gen = stack.post("/v1/generations", json={"prompt": "a red square", "seed": 1},
+                     headers=headers)
+    score = stack.post("/v1/scores", json={"image": png_b64(COLOURS["red"]),
+                                           "captions": ["a red square"]}, headers=headers)
+    assert gen.status_code == score.status_code == 202, (gen.text, score.text)
+    assert gen.json()["id"] != score.json()["id"]
+    again = stack.post("/v1/scores", json={"image": png_b64(COLOURS["red"]),
+                                           "captions": ["a red square"]}, headers=headers)
+    assert again.status_code == 200 and again.json()["id"] == score.json()["id"]
+    poll(stack, score.json()["status_url"])
+    poll(stack, gen.json()["status_url"])
+
+
+def test_generated_images_carry_exact_bits_and_best_of_keeps_the_most_probable(
+        stack: httpx.Client, model: Any) -> None:
+    """best_of=4, num_images=2: the two kept images are the two most probable of the four
+    the same seeds give in-process; their bits/dim are in the view and the PNG chunks, and
+    equal model.nll of the PNGs."""
+    body = {"prompt": "a green square", "num_images": 2, "best_of": 4, "seed": 77}
+    r = stack.post("/v1/generations", json=body, headers={"Prefer": "wait=60"})
+    assert r.status_code == 200, r.text  # finished within the wait: the view itself
+    job = r.json()
+    assert job["status"] == "succeeded" and len(job["images"]) == 2
+    bits = job["image_bits_per_dim"]
+    assert len(bits) == 2 and bits[0] <= bits[1]
+
+    images, all_bits = model.generate(["a green square"], num_images=4,
+                                      seed=[77, 78, 79, 80], return_bits=True)
+    best = sorted(range(4), key=lambda k: float(all_bits[k]))[:2]
+    assert np.allclose(bits, [float(all_bits[k]) for k in best], atol=1e-4)
+    for n, url in enumerate(job["images"]):
+        png = Image.open(io.BytesIO(stack.get(url).content))
+        assert math.isclose(float(png.text["image_bits_per_dim"]), bits[n], abs_tol=1e-5)
+        x = torch.from_numpy(np.array(png.convert("RGB")).transpose(2, 0, 1).copy())
+        assert torch.equal(x, images[best[n]])
+        assert math.isclose(float(model.nll(x[None], ["a green square"])[0]), bits[n],
+                            abs_tol=1e-4)
+
+    too_many = stack.post("/v1/generations", json={**body, "best_of": 9})
+    assert too_many.status_code == 422 and too_many.json()["error"]["field"] == "best_of"
+    fewer = stack.post("/v1/generations", json={**body, "best_of": 1})
+    assert fewer.status_code == 422
+
+
+def test_prefer_wait_on_scores(stack: httpx.Client) -> None:
+    """`Prefer: wait=N` answers 200 with the finished score view; without it, 202."""
+    body = {"image": png_b64(COLOURS["white"]), "captions": ["a white square", "a red square"]}
+    start = time.monotonic()
+    r = stack.post("/v1/scores", json=body, headers={"Prefer": "respond-async, wait=30"})
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - start < 30
+    view = r.json()
+    assert view["status"] == "succeeded" and view["ranking"][0] == 0, view
+    assert r.headers["Location"] == f"/v1/scores/{view['id']}"
+    assert stack.post("/v1/scores", json=body).status_code == 202
