@@ -242,3 +242,53 @@ def test_prefer_wait_on_scores(stack: httpx.Client) -> None:
     assert view["status"] == "succeeded" and view["ranking"][0] == 0, view
     assert r.headers["Location"] == f"/v1/scores/{view['id']}"
     assert stack.post("/v1/scores", json=body).status_code == 202
+
+
+def test_prefer_wait_holds_no_thread_and_times_out_to_202(redis_url: str, tmp_path: Path
+                                                          ) -> None:
+    """No worker: 45 submissions waiting at once (more than the 40 threads of the pool)
+    all answer 202 after their wait, while a threaded status read is answered at once; a
+    client that disconnects mid-wait does not cancel its job (real uvicorn)."""
+    import asyncio
+
+    port = free_port()
+    api = start_api(redis_url, port, tmp_path / "api.log", PROMPTPIX_RATE_LIMIT="0",
+                    PROMPTPIX_MAX_QUEUED_PER_KEY="0")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        first = httpx.post(f"{base}/v1/generations", json={"prompt": "a red square"})
+        assert first.status_code == 202
+
+        async def scenario() -> tuple[list[httpx.Response], float, float]:
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                start = time.monotonic()
+                waits = [asyncio.create_task(client.post(
+                    "/v1/generations", json={"prompt": f"a red square {n}"},
+                    headers={"Prefer": "wait=3"})) for n in range(45)]
+                await asyncio.sleep(1.0)
+                t0 = time.monotonic()
+                status = await client.get(f"/v1/generations/{first.json()['id']}")
+                assert status.status_code == 200
+                read_s = time.monotonic() - t0
+                answers = await asyncio.gather(*waits)
+                return answers, read_s, time.monotonic() - start
+
+        answers, read_s, total_s = asyncio.run(scenario())
+        assert [a.status_code for a in answers] == [202] * 45
+        assert read_s < 1.0, f"a status read waited {read_s:.2f} s behind the waiting POSTs"
+        assert 3.0 <= total_s < 15, total_s
+
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/scores", json={"image": png_b64((1, 2, 3)),
+                                                  "captions": ["a"]},
+                       headers={"Prefer": "wait=5"}, timeout=0.5)
+        r = redis.Redis.from_url(redis_url)
+        kinds = [r.hget(k, "kind") for k in r.scan_iter("promptpix:job:*")
+                 if r.type(k) == b"hash"]
+        assert kinds.count(b"score") == 1
+        score_key = next(k for k in r.scan_iter("promptpix:job:*")
+                         if r.type(k) == b"hash" and r.hget(k, "kind") == b"score")
+        time.sleep(0.5)
+        assert r.hget(score_key, "status") == b"queued"
+    finally:
+        api.stop()
