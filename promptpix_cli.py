@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("training.cli", "generate_main", "sample PNGs from a checkpoint locally"),
     "eval": ("training.evaluate", "main", "bits/dim and prompt alignment of a checkpoint"),
     "submit": ("app.client", "main", "submit a prompt to a running server and fetch PNGs"),
+    "score": ("app.score_client", "main", "rank captions of an image by exact likelihood"),
 }
 
 

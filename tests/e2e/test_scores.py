@@ -244,13 +244,16 @@ def test_prefer_wait_on_scores(stack: httpx.Client) -> None:
     assert stack.post("/v1/scores", json=body).status_code == 202
 
 
-def test_prefer_wait_holds_no_thread_and_times_out_to_202(redis_url: str, tmp_path: Path
-                                                          ) -> None:
-    """No worker: 45 submissions waiting at once (more than the 40 threads of the pool)
-    all answer 202 after their wait, while a threaded status read is answered at once; a
-    client that disconnects mid-wait does not cancel its job (real uvicorn)."""
+def test_prefer_wait_holds_no_thread_and_times_out_to_202(tmp_path: Path) -> None:
+    """No worker (a Redis of its own): 45 submissions waiting at once (more than the 40
+    threads of the pool) all answer 202 after their wait, while a threaded status read is
+    answered at once; a client that disconnects mid-wait does not cancel its job."""
     import asyncio
 
+    from app.redis_server import RedisServer
+
+    server = RedisServer().start()
+    redis_url = server.url
     port = free_port()
     api = start_api(redis_url, port, tmp_path / "api.log", PROMPTPIX_RATE_LIMIT="0",
                     PROMPTPIX_MAX_QUEUED_PER_KEY="0")
@@ -292,3 +295,30 @@ def test_prefer_wait_holds_no_thread_and_times_out_to_202(redis_url: str, tmp_pa
         assert r.hget(score_key, "status") == b"queued"
     finally:
         api.stop()
+        server.cleanup()
+
+
+def test_cli_score_prints_the_ranking(stack: httpx.Client, tmp_path: Path) -> None:
+    """`promptpix score IMAGE --caption ... --caption ...` against the real server."""
+    import subprocess
+    import sys
+
+    image = tmp_path / "red.png"
+    image.write_bytes(base64.b64decode(png_b64(COLOURS["red"])))
+    heat = tmp_path / "heat.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "promptpix_cli", "score", str(image), "--caption",
+         "a blue square", "--caption", "a red square", "--surprise", str(heat),
+         "--url", str(stack.base_url)],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["rank", "probability", "bits/dim", "tolerant", "caption"]
+    assert lines[1].split()[0] == "1" and lines[1].endswith("a red square"), out.stdout
+    assert lines[2].endswith("a blue square")
+    assert lines[3].startswith("unconditional (empty prompt):")
+    assert Image.open(heat).format == "PNG"
+    bad = subprocess.run([sys.executable, "-m", "promptpix_cli", "score", str(image),
+                          "--caption", "x", "--tolerance", "2", "--url", str(stack.base_url)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "tolerance" in bad.stderr, bad.stderr
