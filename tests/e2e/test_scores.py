@@ -322,3 +322,37 @@ def test_cli_score_prints_the_ranking(stack: httpx.Client, tmp_path: Path) -> No
                           "--caption", "x", "--tolerance", "2", "--url", str(stack.base_url)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "tolerance" in bad.stderr, bad.stderr
+
+
+def test_a_generation_batch_stops_at_a_score_job(checkpoint: Path, tmp_path: Path) -> None:
+    """Queue order generate, score, generate under PROMPTPIX_MAX_BATCH=8: the first
+    generation's batch stops gathering at the score job (a batch holds one kind), the
+    score runs next, the second generation after it; all three succeed."""
+    from app.redis_server import RedisServer
+    from worker.protocol import GenerationParams, JobStore, Keys, ScoreParams, Settings
+
+    server = RedisServer().start()
+    worker = None
+    try:
+        store = JobStore(redis.Redis.from_url(server.url), Settings(redis_url=server.url))
+        first, _ = store.create_job(GenerationParams(prompt="a red square", seed=1))
+        upload = base64.b64decode(png_b64(COLOURS["red"]))
+        score, _ = store.create_job(ScoreParams(captions=["a red square"]), upload=upload)
+        last, _ = store.create_job(GenerationParams(prompt="a blue square", seed=2))
+        worker = start_worker(server.url, checkpoint, tmp_path / "w.log",
+                              PROMPTPIX_MAX_BATCH="8")
+        wait_for(lambda: all(store.get(j).status.finished for j in (first, score, last)),
+                 90, "the three jobs")
+        jobs = {j: store.get(j) for j in (first, score, last)}
+        assert [jobs[j].status.value for j in (first, score, last)] == ["succeeded"] * 3, \
+            worker.log()[-3000:]
+        assert jobs[score].started_at >= jobs[first].finished_at
+        assert jobs[last].started_at >= jobs[score].finished_at
+        assert "batch of" not in worker.log()
+        assert jobs[score].result["ranking"] == [0]
+        assert store.r.exists(Keys.upload(score)) == 0  # the upload goes once scored
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.cleanup()
+
