@@ -60,7 +60,10 @@ class ScoreRequest(ScoreParams):
         "image": "iVBORw0KGgo...", "captions": ["a red circle", "a blue circle"],
         "tolerance": 0.01}]})
 
-    image: str = Field(min_length=1, description="base64 PNG, JPEG or WebP")
+    image: str | None = Field(None, min_length=1, description="base64 PNG, JPEG or WebP")
+    job_id: str | None = Field(None, description="instead of `image`: a finished generation "
+                                                 "of the caller's, with `image_index`")
+    image_index: int | None = Field(None, ge=0, description="which image of `job_id` (from 0)")
     model: str | None = Field(None, description="a served model's id (default: the one "
                                                 "served)")
 
@@ -152,6 +155,30 @@ def decode_upload(text: str) -> bytes:
     return data
 
 
+def source_image(body: ScoreRequest, principal: PrincipalDep, store: StoreDep) -> bytes:
+    """The image to score: the upload, or a finished generation's image (same ownership
+    rules as reading it: another key's job is 404)."""
+    if (body.image is None) == (body.job_id is None):
+        raise ApiError(422, "invalid_request",
+                       "give either image (base64) or job_id with image_index", "image")
+    if body.image is not None:
+        if body.image_index is not None:
+            raise ApiError(422, "invalid_request", "image_index goes with job_id",
+                           "image_index")
+        return decode_upload(body.image)
+    if body.image_index is None:
+        raise ApiError(422, "invalid_request", "job_id needs image_index", "image_index")
+    source = find_job(body.job_id or "", principal, store, JobKind.GENERATE)
+    data = (store.get_blob(Keys.image(source.id, body.image_index))
+            if source.status is JobStatus.SUCCEEDED and body.image_index < source.images
+            else None)
+    if data is None:
+        raise ApiError(404, "not_found", f"generation {source.id} has no finished image "
+                       f"{body.image_index} ({source.images} images, {source.status.value})",
+                       "image_index")
+    return data
+
+
 def _check(body: ScoreRequest, settings: SettingsDep, store: StoreDep) -> None:
     for n, caption in enumerate(body.captions):
         if len(caption) > settings.max_prompt_chars:
@@ -174,7 +201,7 @@ def _submit(body: ScoreRequest, response: Response, principal: PrincipalDep,
             store: StoreDep, settings: SettingsDep,
             idempotency_key: str | None) -> ScoreCreated:
     _check(body, settings, store)
-    upload = decode_upload(body.image)
+    upload = source_image(body, principal, store)
     idem = None
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:

@@ -225,6 +225,20 @@ def test_generated_images_carry_exact_bits_and_best_of_keeps_the_most_probable(
         assert math.isclose(float(model.nll(x[None], ["a green square"])[0]), bits[n],
                             abs_tol=1e-4)
 
+    # A score may name a finished generation's image: the same exact bits/dim.
+    r = stack.post("/v1/scores", json={"job_id": job["id"], "image_index": 1, "tolerance": 0,
+                                       "captions": ["a green square", "a red square"]},
+                   headers={"Prefer": "wait=60"})
+    assert r.status_code == 200, r.text
+    assert math.isclose(r.json()["results"][0]["bits_per_dim"], bits[1], abs_tol=1e-4)
+    for bad, code in (({"job_id": job["id"], "image_index": 2}, 404),
+                      ({"job_id": r.json()["id"], "image_index": 0}, 404),  # a score's id
+                      ({"job_id": job["id"]}, 422),
+                      ({"job_id": job["id"], "image_index": 0,
+                        "image": png_b64(COLOURS["red"])}, 422)):
+        refused = stack.post("/v1/scores", json={**bad, "captions": ["x"]})
+        assert refused.status_code == code, (bad, refused.text)
+
     too_many = stack.post("/v1/generations", json={**body, "best_of": 9})
     assert too_many.status_code == 422 and too_many.json()["error"]["field"] == "best_of"
     fewer = stack.post("/v1/generations", json={**body, "best_of": 1})
