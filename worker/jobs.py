@@ -379,8 +379,10 @@ def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
 def best_images(images: torch.Tensor, bits: torch.Tensor, seeds: list[int], keep: int
                 ) -> tuple[torch.Tensor, list[float], list[int]]:
     """The `keep` most probable samples (fewest bits/dim first; ties in sampling order),
-    with their bits/dim and seeds."""
-    order = sorted(range(len(seeds)), key=lambda k: (float(bits[k]), k))[:keep]
+    with their bits/dim and seeds; all of them in sampling order when `keep` is all."""
+    order = list(range(len(seeds)))
+    if keep < len(seeds):
+        order = sorted(order, key=lambda k: (float(bits[k]), k))[:keep]
     return images[order], [float(bits[k]) for k in order], [seeds[k] for k in order]
 
 
