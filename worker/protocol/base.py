@@ -3,8 +3,6 @@ and the reads (the job record, its blobs, the queue)."""
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
 import redis
@@ -73,17 +71,3 @@ class StoreBase:
             description=f"{kind.value} {job_id} attempt {attempt}",
         )
         return rq_id
-
-    # The API's rate limiter: moves to app/ratelimit.py (issue 14, the app side).
-    def rate_hit(self, who: str, limit: int, now: float | None = None) -> int | None:
-        """Count one request in this minute's window; seconds to wait when over `limit`."""
-        now = time.time() if now is None else now
-        window = int(now // 60)
-        key = Keys.rate(who, window)
-        with self.r.pipeline(transaction=False) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 61)
-            count, _ = pipe.execute()
-        if int(count) > limit:
-            return max(1, math.ceil((window + 1) * 60 - now))
-        return None

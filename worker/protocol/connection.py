@@ -9,10 +9,10 @@ from .settings import Settings
 
 def storage_full(error: BaseException) -> bool:
     """Whether Redis refused a write because it is full (`maxmemory` with `noeviction`)."""
-    # Inside a Lua script the refusal comes back as a script error quoting Redis's text.
+    # Inside a Lua script the refusal comes back as a script error quoting Redis's text;
+    # inside MULTI, as EXECABORT naming it.
     return isinstance(error, redis.ResponseError) and (
-        isinstance(error, redis.exceptions.OutOfMemoryError)
-        or "OOM command not allowed" in str(error))
+        isinstance(error, redis.exceptions.OutOfMemoryError) or "OOM" in str(error))
 
 
 def redis_connection(settings: Settings, *, blocking: bool = False) -> redis.Redis:

@@ -168,10 +168,6 @@ class Keys:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         return f"{KEY_PREFIX}:idem:{scope}:{digest}"
 
-    @staticmethod
-    def rate(who: str, window: int) -> str:
-        return f"{KEY_PREFIX}:rate:{who}:{window}"
-
 
 def rq_job_id(job_id: str, attempt: int) -> str:
     """The RQ job id of one attempt: a fresh one per attempt fences stale queue entries."""
