@@ -181,6 +181,12 @@ def score(payload: dict[str, Any]) -> dict[str, Any]:
         except ScoreRefused as e:
             _fail(ctx, p.job_id, p.attempt, JobErrorCode.INVALID_REQUEST, str(e))
             raise
+        except torch.cuda.OutOfMemoryError as e:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            _fail(ctx, p.job_id, p.attempt, JobErrorCode.OUT_OF_MEMORY,
+                  f"out of GPU memory: {str(e)[:500]}")
+            raise
         except JobTimeoutException:
             _fail(ctx, p.job_id, p.attempt, JobErrorCode.TIMEOUT,
                   f"the job ran longer than PROMPTPIX_JOB_TIMEOUT={ctx.settings.job_timeout} s")
@@ -197,6 +203,9 @@ def score(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _run(ctx: Any, p: ScorePayload, finish: Any) -> dict[str, Any]:
     info, params = ctx.model_info, p.params
+    hooks = (p.test_hooks or {}) if ctx.settings.test_hooks else {}
+    if hooks.get("score_delay"):  # test hook: a slow score (PROMPTPIX_TEST_HOOKS=1 only)
+        time.sleep(float(hooks["score_delay"]))
     start = time.perf_counter()
     x, resized = _prepare(ctx, p)
     captions = [*params.captions, ""]  # the empty prompt: the unconditional likelihood

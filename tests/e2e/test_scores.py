@@ -370,3 +370,35 @@ def test_a_generation_batch_stops_at_a_score_job(checkpoint: Path, tmp_path: Pat
             worker.stop()
         server.cleanup()
 
+
+
+def test_a_lost_score_is_handed_on_as_a_score(checkpoint: Path, tmp_path: Path) -> None:
+    """A worker killed (SIGKILL) while scoring: the reaper puts the job back as a score
+    (worker.jobs.score, its upload still there) and the next worker finishes it."""
+    from app.redis_server import RedisServer
+    from worker.protocol import JobStatus, JobStore, ScoreParams, Settings
+
+    server = RedisServer().start()
+    procs: list[Proc] = []
+    try:
+        store = JobStore(redis.Redis.from_url(server.url), Settings(redis_url=server.url))
+        first = start_worker(server.url, checkpoint, tmp_path / "w1.log")
+        procs.append(first)
+        wait_worker_ready(server.url, first)
+        upload = base64.b64decode(png_b64(COLOURS["red"]))
+        job_id, _ = store.create_job(ScoreParams(captions=["a red square", "a blue square"]),
+                                     upload=upload, test_hooks={"score_delay": 30.0})
+        wait_for(lambda: store.get(job_id).status is JobStatus.RUNNING, 30, "the score to run")
+        first.kill9()
+        store.r.hset(f"promptpix:job:{job_id}", "test_hooks", "")  # attempt 2 runs at once
+        second = start_worker(server.url, checkpoint, tmp_path / "w2.log")
+        procs.append(second)
+        wait_for(lambda: store.get(job_id).status.finished, 90, "the handed-on score")
+        job = store.get(job_id)
+        assert job.status is JobStatus.SUCCEEDED, (job, second.log()[-2000:])
+        assert job.attempt == 2 and job.kind.value == "score"
+        assert job.result["ranking"][0] == 0
+    finally:
+        for p in procs:
+            p.stop()
+        server.cleanup()
