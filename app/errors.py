@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker.protocol import MAX_BODY_BYTES
+from worker.protocol import MAX_BODY_BYTES, storage_full
 
 logger = logging.getLogger(__name__)
 
@@ -135,18 +135,8 @@ async def _on_redis_down(request: Request, exc: Exception) -> JSONResponse:
                           headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
 
 
-def is_storage_full(exc: BaseException) -> bool:
-    """True for Redis refusing a write because `maxmemory` is reached (`noeviction`).
-
-    A refused command inside MULTI aborts the transaction (EXECABORT) and names the OOM
-    only in its message, so the message is checked as well as the class.
-    """
-    return isinstance(exc, redis.OutOfMemoryError) or (
-        isinstance(exc, redis.ResponseError) and "OOM" in str(exc))
-
-
 async def _on_redis_error(request: Request, exc: Exception) -> JSONResponse:
-    if is_storage_full(exc):
+    if storage_full(exc):
         logger.warning("Redis is full: refused %s %s: %s", request.method, request.url.path, exc)
         return error_response(503, "storage_full",
                               "the job store (Redis) is full; retry later",

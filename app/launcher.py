@@ -181,7 +181,7 @@ def example_prompt(base_url: str, api_key: str | None) -> str:
     try:
         with urllib.request.urlopen(req, timeout=2.0) as resp:
             data = json.load(resp)
-        prompts = data["models"][0].get("example_prompts") or []
+        prompts = (data.get("data") or data.get("models"))[0].get("example_prompts") or []
         if prompts and isinstance(prompts[0], str):
             return prompts[0]
     except (OSError, ValueError, LookupError, AttributeError, TypeError):

@@ -17,9 +17,10 @@ from worker.protocol import JobStore, Settings, get_settings, redis_connection, 
 
 from .deps import Limiters
 from .errors import install_error_handlers
+from .jobwatch import close_async_redis
 from .metrics import MetricsMiddleware
 from .middleware import BodyLimitMiddleware, HostCheckMiddleware, SecurityHeadersMiddleware
-from .routes import docs, generations, models, scores, service, web
+from .routes import docs, events, generations, models, openai_images, scores, service, web
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             reaper.stop()
             store.r.close()
+            await close_async_redis(app)
 
     app = FastAPI(title="promptpix", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -52,6 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations.router)
     app.include_router(scores.router)
     app.include_router(models.router)
+    app.include_router(openai_images.router)
+    app.include_router(events.router)
     app.include_router(service.router)
     app.include_router(web.router)
     app.include_router(docs.router)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.protocol import MAX_IMAGES, MAX_SEED, SamplingParams
@@ -73,14 +75,19 @@ class JobView(BaseModel):
         None, description="each image's exact bits/dim under its prompt (when succeeded)")
     preview_url: str | None
     error: JobErrorOut | None
+    user: str | None = Field(None, description="the `user` label of an OpenAI-API request")
 
 
 class ModelInfo(BaseModel):
-    """A checkpoint that a live worker serves."""
+    """A checkpoint that a live worker serves, as an OpenAI model object plus our facts."""
 
     model_config = ConfigDict(protected_namespaces=())
 
-    id: str
+    id: str = Field(description="the name requests use: PROMPTPIX_MODEL_NAME or the file stem")
+    object: Literal["model"] = "model"
+    created: int = Field(0, description="unix time the checkpoint records, else 0")
+    owned_by: str = "promptpix"
+    checksum: str = Field("", description="content hash of the weights (the old `id`)")
     image_size: int
     channels: int
     num_classes: int = 0
@@ -94,9 +101,10 @@ class ModelInfo(BaseModel):
 
 
 class ModelList(BaseModel):
-    """`GET /v1/models`."""
+    """`GET /v1/models`, in OpenAI's list shape (`client.models.list()` reads it)."""
 
-    models: list[ModelInfo]
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
 
 
 class Readiness(BaseModel):

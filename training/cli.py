@@ -83,7 +83,8 @@ def _train(argv: list[str] | None, prog: str, description: str,
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (PromptPixError, FileNotFoundError, ValueError) as e:  # expected: report, no trace
+    except (PromptPixError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        # expected: report, no trace
         print(f"error: {e}", file=sys.stderr)
         return 1
 

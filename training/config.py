@@ -50,6 +50,10 @@ class TrainConfig:
     shapes_synonym_prob: float = _opt(
         0.0, "shapes: share of training captions reworded with the training synonym list "
         "(never the evaluation's words; see training/paraphrase.py)", min=0.0, max=1.0)
+    val_fraction: float = _opt(
+        0.05, "share of the images held out for validation when the dataset has no split of "
+        "its own (imagenet, folder without val/, coco with one of train2017/val2017): every "
+        "round(1/val_fraction)-th image, fixed across runs", min_excl=0.0, max_excl=1.0)
     image_size: int = _opt(32, "image side in pixels (images are resized/cropped)", min=2)
     num_workers: int = _opt(2, "DataLoader worker processes per rank", min=0)
     # --- model (names equal ModelConfig fields) ---------------------------------------
@@ -108,9 +112,15 @@ class TrainConfig:
     resume: str = _opt(
         "", "resume from a checkpoint path; '--resume' alone means CHECKPOINT_DIR/latest.pth"
     )
+    init_from: str = _opt(
+        "", "start a fresh run from the weights of this checkpoint (e.g. train.py's base "
+        "model): every weight whose name and shape match is loaded, the rest initialised; "
+        "ignored when --resume continues a run")
     save_freq: int = _opt(0, "also write latest.pth every N steps (0: at evaluations only)", min=0)
     eval_every: int = _opt(0, "evaluate every N steps (0: at the end of each epoch)", min=0)
-    val_samples: int = _opt(1000, "validation images used for bits/dim", min=1)
+    val_samples: int = _opt(
+        0, "validation images used for bits/dim (0: 1000 on a GPU, 100 on a CPU, where an "
+        "image takes seconds at the default width; see docs/training.md)", min=0)
     prior_samples: int = _opt(
         10000, "training images scanned for the frequency prior and the vocabulary", min=1
     )
@@ -118,7 +128,8 @@ class TrainConfig:
         default_factory=list,
         metadata={"help": "prompts for the sample grid (default: a few training captions)"},
     )
-    num_sample_images: int = _opt(4, "images per sample prompt in the grid", min=1)
+    num_sample_images: int = _opt(
+        0, "images per sample prompt in the grid (0: 4 on a GPU, 1 on a CPU)", min=0)
     default_guidance_scale: float = _opt(
         1.0, "guidance scale recorded in the checkpoint and used for samples (1: none)",
         min=1.0
@@ -218,6 +229,8 @@ def parse_train_args(
             f"argument --text_nhead: text_embed_dim {cfg.text_embed_dim} is not divisible by "
             f"text_nhead {cfg.text_nhead}"
         )
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        parser.error(f"argument --init_from: {cfg.init_from!r} is not a checkpoint file")
     if not cfg.checkpoint_dir.strip():
         parser.error("argument --checkpoint_dir: must not be empty")
     dev = cfg.device

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
 
 from .config import TrainConfig
+from .progress import track
+from .stopping import ignore_sigint_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ def make_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     from training.datasets import build_dataset
 
     opts = {"shapes_train_size": cfg.shapes_train_size,
-            "shapes_synonym_prob": cfg.shapes_synonym_prob, "download": cfg.download}
+            "shapes_synonym_prob": cfg.shapes_synonym_prob, "download": cfg.download,
+            "val_fraction": cfg.val_fraction}
     train = build_dataset(cfg.dataset, cfg.data_root, cfg.image_size, split="train", **opts)
     val = build_dataset(cfg.dataset, cfg.data_root, cfg.image_size, split="val", **opts)
     return train, val
@@ -70,6 +72,7 @@ def make_loader(ds: Dataset, sampler: Any, batch_size: int, num_workers: int,
         pin_memory=pin,
         persistent_workers=False,
         generator=generator,
+        worker_init_fn=ignore_sigint_in_worker if num_workers else None,
     )
 
 
@@ -97,8 +100,8 @@ def scan_training_split(ds: Dataset, limit: int, seed: int, batch_size: int, num
     captions: list[str] = []
 
     def batches() -> Iterator[torch.Tensor]:
-        for imgs, caps, _ in tqdm(loader, desc="scanning training split", disable=not show,
-                                  unit="batch", leave=False):
+        for imgs, caps, _ in track(loader, len(loader), "scanning training split", "batch",
+                                   enabled=show):
             captions.extend(caps)
             yield imgs
 

@@ -126,12 +126,25 @@ def spawn(fn: Callable[[Any], int], arg: Any, world_size: int) -> None:
             if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signum)
 
+    sigints = [0]
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        # A terminal's Ctrl-C reaches the ranks too (one process group); a SIGINT sent to
+        # the launcher alone must still stop them. Forwarded as SIGTERM, so a rank never
+        # takes it for the second Ctrl-C that quits without saving.
+        sigints[0] += 1
+        if sigints[0] > 1:
+            raise KeyboardInterrupt
+        forward(signal.SIGTERM, frame)
+
     old = signal.signal(signal.SIGTERM, forward)
+    old_int = signal.signal(signal.SIGINT, on_sigint)
     try:
         while not ctx.join():
             pass
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from .progress import track
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def validation_bpd(model: Any, ds: Any, n: int, batch_size: int) -> float:
 
     n = min(n, len(ds))
     total, count = 0.0, 0
-    for start in tqdm(range(0, n, batch_size), desc="val bits/dim", unit="batch"):
+    starts = range(0, n, batch_size)
+    for start in track(starts, len(starts), "val bits/dim", "batch"):
         stop = min(n, start + batch_size)
         images, captions, labels = collate([ds[i] for i in range(start, stop)])
         ids, mask = model.tokenize(captions)
@@ -102,8 +104,8 @@ def _generate(model: Any, prompts: list[str], labels: list[int] | None, scale: f
               args: argparse.Namespace) -> torch.Tensor:
     """One image per prompt, image i seeded with seed + i: uint8 [N, C, H, W]."""
     out = []
-    for s in tqdm(range(0, len(prompts), args.batch_size), desc=f"sampling g={scale:g}",
-                  unit="batch"):
+    starts = range(0, len(prompts), args.batch_size)
+    for s in track(starts, len(starts), f"sampling g={scale:g}", "batch"):
         e = min(len(prompts), s + args.batch_size)
         out.append(model.generate(prompts[s:e], num_images=1,
                                   class_labels=None if labels is None else labels[s:e],
@@ -207,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         from training.datasets import build_dataset
 
         train_args = meta.get("train_args") or {}
-        opts = {"shapes_train_size": int(train_args.get("shapes_train_size", 50000))}
+        # The run's holdout, so a one-split dataset is evaluated on the images it held out.
+        opts = {"shapes_train_size": int(train_args.get("shapes_train_size", 50000)),
+                "val_fraction": float(train_args.get("val_fraction", 0.05))}
         val_ds = build_dataset(dataset, args.data_root, size, split="val", **opts)
         scales = args.guidance_scale or [float(meta.get("default_guidance_scale") or 1.0)]
         result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "dataset": dataset,

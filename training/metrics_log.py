@@ -36,6 +36,12 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
+    def image(self, tag: str, step: int, image: Any) -> None:
+        """A uint8 [C, H, W] image (the sample grid) to TensorBoard's Images tab."""
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="CHW")
+            self._tb.flush()
+
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -16,24 +15,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from . import distributed as D
 from .config import TrainConfig
-from .data import ResumableSampler, make_datasets, make_loader, val_subset
-from .images import make_grid, save_png
+from .data import ResumableSampler, make_datasets, make_loader
 from .metrics_log import MetricsLog
-from .model_setup import build_fresh_model, load_for_resume, weights_fingerprint
+from .model_setup import build_fresh_model, load_for_resume
+from .progress import progress
 from .state import EMA, WarmupCosine, capture_rng, restore_rng
+from .stopping import StopSignals, TrainingStopped
+from .summary import RunSummary
+from .trainer_eval import EvalMixin
 
 log = logging.getLogger(__name__)
 
 
-class TrainingStopped(Exception):
-    """Raised inside the loop when SIGTERM arrived; latest.pth has been written."""
-
-
-class Trainer:
+class Trainer(EvalMixin):
     def __init__(self, cfg: TrainConfig, dist_info: D.DistInfo) -> None:
         self.cfg, self.d = cfg, dist_info
         self.dir = Path(cfg.checkpoint_dir)
@@ -48,15 +45,19 @@ class Trainer:
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.seed)
         self.train_ds, self.val_ds = make_datasets(cfg)
-        self.stop_requested = False
+        self.stop = StopSignals(announce=self.d.master)
 
         resume = self._resume_path()
         train_state: dict[str, Any] | None = None
         if resume is not None:
+            if cfg.init_from and self.d.master:
+                log.warning("--init_from %s ignored: resuming %s", cfg.init_from, resume)
             self.model, meta, train_state = load_for_resume(resume, cfg, self.d.master)
             self.example_prompts: list[str] = list(meta.get("example_prompts") or [])
         else:
             self.model, self.example_prompts = build_fresh_model(cfg, self.train_ds, self.d)
+            if cfg.init_from:
+                self._init_from(cfg.init_from)
         self.model.to(self.device)
         self.mcfg = self.model.config
         self.text_cache = self._enable_text_cache()  # before the EMA copies the model
@@ -82,6 +83,15 @@ class Trainer:
 
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_val = math.inf
+        self.best_step: int | None = None
+        self.eval_pending = False  # a stop interrupted an evaluation: --resume redoes it
+        self.last_save_step = self.last_eval_step = -1
+        self.bar = progress(0, "", "", enabled=False)  # fit() makes the real one
+        # This log interval's per-step losses (nats/dim), still on the device: read once
+        # per interval, so the device is waited on there and not at every step.
+        self._losses: list[torch.Tensor] = []
+        self._interval_t0 = time.perf_counter()
+        self._stop_agreed = False
         if train_state is not None:
             self._restore(train_state)
 
@@ -95,6 +105,14 @@ class Trainer:
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[self.device] if cuda else None)
         self.logger = MetricsLog(self.dir, cfg.tensorboard) if self.d.master else None
+
+    def _init_from(self, path: str) -> None:
+        from .init_from import init_from_checkpoint
+
+        report = init_from_checkpoint(self.model, path)  # every rank: same file, same weights
+        if self.d.master:
+            for line in report.lines():
+                log.info("%s", line)
 
     def _enable_text_cache(self) -> Any:
         """A frozen pretrained encoder maps a caption to the same states every time, and
@@ -148,6 +166,10 @@ class Trainer:
         self.batch_in_epoch = int(ts["batch_in_epoch"])
         self._schedule_from(self.step)
         self.best_val = float(ts.get("best_val_bpd", math.inf))
+        best_step = ts.get("best_step")
+        self.best_step = None if best_step is None else int(best_step)
+        self.eval_pending = bool(ts.get("eval_pending", False))
+        self.last_save_step = self.step
         rngs = ts["rng"]
         if len(rngs) == self.d.world_size:
             restore_rng(rngs[self.d.rank], self.cond_gen)
@@ -198,6 +220,8 @@ class Trainer:
         from model import save_checkpoint
         from model.checkpoint import checkpoint_state
 
+        self._flush_metrics()  # never save weights a non-finite loss has reached
+        self.last_save_step = self.step
         rngs = [capture_rng(self.cond_gen)]
         if self.d.ddp:
             rngs = D.gather_objects(rngs[0])
@@ -210,79 +234,14 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best_val_bpd": self.best_val, "rng": rngs,
+            "best_val_bpd": self.best_val, "best_step": self.best_step,
+            "eval_pending": self.eval_pending, "rng": rngs,
         }
         meta = self._meta(val_bpd)
         save_checkpoint(self.dir / "latest.pth", served, meta=meta, train_state=train_state)
         if best:
             save_checkpoint(self.dir / "best_model.pth", served, meta=meta)
             log.info("step %d: new best val %.4f bits/dim -> best_model.pth", self.step, val_bpd)
-
-    # ----------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def validate(self) -> float:
-        """Bits/dim of the served weights on a fixed validation subset, averaged over ranks."""
-        from model import bits_per_dim
-
-        module = self.ema.module if self.ema is not None else self.model
-        was_training = module.training
-        module.eval()
-        idx = val_subset(self.val_ds, self.cfg.val_samples, self.d.rank, self.d.world_size)
-        loader = make_loader(torch.utils.data.Subset(self.val_ds, idx), None,
-                             self.cfg.batch_size, 0, pin=False)
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum bpd, count]
-        for images, captions, labels in loader:
-            logits = self._forward(module, images, captions, labels)
-            bpd = bits_per_dim(logits.float(), images.to(self.device))
-            total += torch.stack([bpd.double().sum(), torch.tensor(float(len(bpd)),
-                                  dtype=torch.float64, device=self.device)])
-        if self.d.ddp:
-            torch.distributed.all_reduce(total)
-        module.train(was_training)
-        return float(total[0] / total[1].clamp(min=1))
-
-    @torch.no_grad()
-    def sample_grid(self) -> Path | None:
-        """Rank 0: a grid of samples, one row per prompt, saved under CHECKPOINT_DIR/samples."""
-        module = self.ema.module if self.ema is not None else self.model
-        prompts = list(self.cfg.sample_prompts) or self.example_prompts[:4] or [""]
-        labels = None
-        if self.mcfg.num_classes and not self.mcfg.use_text:  # base model: one row per class
-            n = len(self.cfg.sample_prompts) or min(4, self.mcfg.num_classes)
-            labels = [i % self.mcfg.num_classes for i in range(n)]
-            prompts = (prompts * n)[:n]
-        was_training = module.training
-        module.eval()
-        try:
-            imgs = module.generate(prompts, num_images=self.cfg.num_sample_images,
-                                   class_labels=labels, seed=self.cfg.seed,
-                                   guidance_scale=self.cfg.default_guidance_scale)
-        finally:
-            module.train(was_training)
-        # The file name holds only the step: prompts (dataset text) never reach a path.
-        path = self.dir / "samples" / f"step_{self.step:07d}.png"
-        return save_png(make_grid(imgs, nrow=self.cfg.num_sample_images), path)
-
-    def evaluate_and_save(self) -> float:
-        val = self.validate()
-        best = val < self.best_val
-        if best:
-            self.best_val = val
-        sample_path = self.sample_grid() if self.d.master else None
-        fingerprints = None
-        if self.d.ddp:  # a desync between ranks is a silent bug; record every rank's weights
-            fingerprints = D.gather_objects(weights_fingerprint(self.model))
-        if self.logger is not None:
-            extra: dict[str, Any] = {"rank_weights": fingerprints} if fingerprints else {}
-            if self.text_cache is not None:
-                extra.update(text_cache_hits=self.text_cache.cache_hits,
-                             text_cache_misses=self.text_cache.cache_misses)
-            self.logger.write("val", self.step, val_bpd=val, best_val_bpd=self.best_val,
-                              epoch=self.epoch, samples=str(sample_path), **extra)
-            log.info("step %d epoch %d: val %.4f bits/dim (best %.4f)", self.step, self.epoch,
-                     val, self.best_val)
-        self.save(val, best=best)
-        return val
 
     # ----------------------------------------------------------------- training
     def _forward(self, module: torch.nn.Module, images: torch.Tensor, captions: list[str],
@@ -307,14 +266,13 @@ class Trainer:
         return captions, labels.masked_fill(drop, -1)
 
     def train_step(self, images: torch.Tensor, captions: list[str], labels: torch.Tensor
-                   ) -> float:
-        """One optimiser step; returns the batch's mean bits/dim."""
+                   ) -> None:
+        """One optimiser step. Its loss stays on the device until the log interval: reading
+        it (or checking it is finite) here would wait for the device at every step."""
         captions, labels = self._drop_conditions(captions, labels)
         logits = self._forward(self.ddp_model, images, captions, labels)  # [B, H*W*C, 256]
         targets = images.to(self.device).permute(0, 2, 3, 1).reshape(len(images), -1).long()
         loss = F.cross_entropy(logits.float().reshape(-1, 256), targets.reshape(-1))  # nats/dim
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip > 0:
@@ -325,66 +283,107 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return loss.item() / math.log(2)
+        self._losses.append(loss.detach())
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.stop_requested = True
+    def _flush_metrics(self) -> None:
+        """End the log interval: the one wait on the device (and, under DDP, the one
+        all-reduce) of the interval. Checks the losses are finite, agrees on a stop between
+        ranks, writes one record (mean loss of the interval) and the progress numbers."""
+        if not self._losses:
+            return
+        n = len(self._losses)
+        losses = torch.stack(self._losses).float()  # [n] nats/dim, this rank
+        self._losses = []
+        packed = torch.stack([losses.sum(), losses.new_tensor(float(self.stop.requested))])
+        if self.d.ddp:
+            torch.distributed.all_reduce(packed)
+        total, stops = packed.tolist()  # the sync
+        first = self.step - n + 1
+        if not math.isfinite(total):
+            bad = [(first + i, v) for i, v in enumerate(losses.tolist()) if not math.isfinite(v)]
+            where = (f"loss is {bad[0][1]} at step {bad[0][0]}" if bad
+                     else f"another rank's loss is not finite in steps {first}-{self.step}")
+            raise FloatingPointError(f"{where}; nothing was saved after it (try a lower --lr "
+                                     f"or --grad_clip)")
+        self._stop_agreed = stops > 0
+        now = time.perf_counter()
+        dt, self._interval_t0 = now - self._interval_t0, now
+        loss = total / (n * self.d.world_size)
+        lr = self.scheduler.get_last_lr()[0]
+        if self.logger is not None:
+            tokens = n * self.cfg.batch_size * self.mcfg.seq_len * self.d.world_size
+            self.logger.write("train", self.step, loss=loss, bpd=loss / math.log(2), lr=lr,
+                              tokens_per_s=tokens / max(dt, 1e-9), steps=n, epoch=self.epoch)
+            self.bar.set_postfix(bpd=f"{loss / math.log(2):.3f}", lr=f"{lr:.2e}")
+
+    def _stop_now(self) -> bool:
+        """Single process: every step (a Python flag, free). DDP: at the log interval, where
+        the ranks agree in `_flush_metrics`, so they all stop after the same step."""
+        return self._stop_agreed if self.d.ddp else self.stop.requested
 
     def fit(self) -> int:
         cfg = self.cfg
-        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        tokens_per_step = cfg.batch_size * self.mcfg.seq_len * self.d.world_size
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.d.master,
-                   desc="training", unit="step", dynamic_ncols=True)
-        last_eval_step = -1
-        try:
-            while self.step < self.total_steps:
-                self.sampler.set_epoch(self.epoch)
-                self.sampler.skip = self.batch_in_epoch * cfg.batch_size
-                t0 = time.perf_counter()
-                for images, captions, labels in self.loader:
-                    bpd = self.train_step(images, captions, labels)
-                    self.step += 1
-                    self.batch_in_epoch += 1
-                    dt, t0 = time.perf_counter() - t0, time.perf_counter()
-                    bar.update(1)
-                    if self.logger is not None:
-                        lr = self.scheduler.get_last_lr()[0]
-                        self.logger.write("train", self.step, loss=bpd * math.log(2), bpd=bpd,
-                                          lr=lr, tokens_per_s=tokens_per_step / max(dt, 1e-9),
-                                          epoch=self.epoch)
-                        if self.step % cfg.log_every == 0:
-                            bar.set_postfix(bpd=f"{bpd:.3f}", lr=f"{lr:.2e}")
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        self.evaluate_and_save()
-                        last_eval_step = self.step
-                    elif cfg.save_freq and self.step % cfg.save_freq == 0:
-                        self.save(None)
-                    if D.any_rank(self.stop_requested, self.device):
-                        raise TrainingStopped
-                    if self.step >= self.total_steps:
-                        break
-                else:  # the epoch ran out (not a max_steps break)
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    if not cfg.eval_every:
-                        self.evaluate_and_save()
-                        last_eval_step = self.step
-            if last_eval_step != self.step:
-                self.evaluate_and_save()
-        except TrainingStopped:
-            self.save(None)
-            if self.d.master:
-                log.warning("SIGTERM: saved %s at step %d; continue with --resume",
-                            self.dir / "latest.pth", self.step)
-            return 0
-        finally:
-            bar.close()
-            signal.signal(signal.SIGTERM, old_handler)
-            if self.logger is not None:
-                self.logger.close()
+        t_start, start_step = time.perf_counter(), self.step
+        self.bar = progress(self.total_steps, "training", "step", initial=self.step,
+                            enabled=self.d.master, every_steps=cfg.log_every, every_s=None)
+        stopped = False
+        # The handlers stay in place while a stop saves: a second Ctrl-C then quits at once,
+        # and a second SIGTERM does not kill the save.
+        with self.stop:
+            try:
+                if self.eval_pending:  # the last run was stopped inside this evaluation
+                    self.evaluate_and_save()
+                    self.last_eval_step = self.step
+                self._train_loop()
+                if self.last_eval_step != self.step:
+                    self.evaluate_and_save()
+            except TrainingStopped:
+                stopped = True
+                if self.last_save_step != self.step or self.eval_pending:
+                    self.save(None)
+                if self.d.master:
+                    log.warning("%s: saved %s at step %d; continue with --resume",
+                                self.stop.reason or "stop", self.dir / "latest.pth", self.step)
+            finally:
+                self.bar.close()
+                if self.logger is not None:
+                    self.logger.close()
         if self.d.master:
-            log.info("done: %d steps, best val %.4f bits/dim, checkpoints in %s", self.step,
-                     self.best_val, self.dir)
+            summary = RunSummary(self.dir, self.step, self.total_steps, start_step,
+                                 time.perf_counter() - t_start, self.best_val, self.best_step,
+                                 stopped_by=self.stop.reason if stopped else "")
+            for line in summary.lines():
+                log.info("%s", line)
         return 0
 
+    def _train_loop(self) -> None:
+        cfg = self.cfg
+        self._interval_t0 = time.perf_counter()
+        while self.step < self.total_steps:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.skip = self.batch_in_epoch * cfg.batch_size
+            for images, captions, labels in self.loader:
+                self.train_step(images, captions, labels)
+                self.step += 1
+                self.batch_in_epoch += 1
+                if self.step % cfg.log_every == 0:
+                    self._flush_metrics()
+                self.bar.update(1)
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate_and_save()
+                    self.last_eval_step = self.step
+                    self._interval_t0 = time.perf_counter()  # tokens/s counts training only
+                elif cfg.save_freq and self.step % cfg.save_freq == 0:
+                    self.save(None)
+                    self._interval_t0 = time.perf_counter()
+                if self._stop_now():
+                    raise TrainingStopped
+                if self.step >= self.total_steps:
+                    break
+            else:  # the epoch ran out (not a max_steps break)
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if not cfg.eval_every:
+                    self.evaluate_and_save()
+                    self.last_eval_step = self.step
+                    self._interval_t0 = time.perf_counter()

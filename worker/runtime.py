@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from .protocol import Settings, describe_settings_error
+    from .protocol.settings import model_name_for
 
     try:
         settings = Settings()
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, AssertionError) as e:  # e.g. cuda asked for on a machine without it
         return _fail(f"cannot place the model on {device}: {e}")
     model.eval()
-    info = model_info(model, meta)
+    info = model_info(model, meta, model_name_for(checkpoint, settings.model_name))
     logger.info("loaded %s (model %s, %d parameters) on %s in %.1f s", checkpoint, info["id"],
                 info["parameters"], device, time.perf_counter() - t0)
     from model import compiled_decoder
@@ -88,12 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     return serve(settings, model, info, device, args, decoder)
 
 
-def model_info(model: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    """What `/v1/models` shows for this checkpoint (plain JSON types only)."""
+def model_info(model: Any, meta: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    """What `/v1/models` shows for this checkpoint (plain JSON types only).
+
+    `id` (= `name`) is the name people type (PROMPTPIX_MODEL_NAME or the file stem; the
+    content hash when not given); `checksum` is the content hash.
+    """
     c = model.config
     val_bpd = meta.get("val_bpd")
+    checksum = str(meta["model_id"])
     return {
-        "id": str(meta["model_id"]), "image_size": int(c.image_size), "channels": int(c.channels),
+        "id": name or checksum, "name": name or checksum, "checksum": checksum,
+        "created": int(meta["created"]) if meta.get("created") else None,
+        "image_size": int(c.image_size), "channels": int(c.channels),
         "num_classes": int(c.num_classes), "parameters": int(meta.get("parameters") or 0),
         "dataset": meta.get("dataset"), "steps": meta.get("steps"),
         "val_bpd": None if val_bpd is None else float(val_bpd),

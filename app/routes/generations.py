@@ -77,7 +77,7 @@ def job_view(job: JobRecord, store: StoreDep) -> JobView:
         image_bits_per_dim=(job.result.get("image_bits_per_dim")
                             if n_images and isinstance(job.result, dict) else None),
         preview_url=f"{PREFIX}/{job.id}/preview.png" if job.has_preview else None,
-        error=error,
+        error=error, user=job.user,
     )
 
 

@@ -107,11 +107,11 @@ export async function request(path, { method = "GET", body } = {}) {
 
 const jobPath = (id) => `/v1/generations/${encodeURIComponent(id)}`;
 
-/** The served models, whether the server lists them bare or under "models" / "data". */
+/** The served models: OpenAI's list shape ("data"; older servers: "models" or bare). */
 export async function listModels() {
   const body = await (await request("/v1/models")).json();
   if (Array.isArray(body)) return body;
-  return body.models || body.data || [];
+  return body.data || body.models || [];
 }
 
 export async function submitJob(params) {

@@ -165,7 +165,7 @@ function rerun(params, { newSeed }) {
 // ---- models and readiness -------------------------------------------------------------
 
 function describeModel(model) {
-  const parts = [`Model ${String(model.id || "?").slice(0, 12)}`];
+  const parts = [`Model ${String(model.id || "?")}`];
   if (model.image_size) parts.push(`${model.image_size}×${model.image_size}`);
   if (model.dataset) parts.push(String(model.dataset));
   const bpd = model.val_bpd ?? model.validation_bpd;

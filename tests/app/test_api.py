@@ -131,7 +131,7 @@ def test_readyz_without_worker(client: TestClient) -> None:
     r = client.get("/readyz")
     err = error_of(r, 503, "unavailable")
     assert "worker" in err["message"] and r.headers["retry-after"]
-    assert client.get("/v1/models").json() == {"models": []}
+    assert client.get("/v1/models").json() == {"object": "list", "data": []}
 
 
 def test_metrics_names_and_counters(client: TestClient) -> None:

@@ -86,8 +86,12 @@ def png(data: bytes) -> Image.Image:
 
 def test_submit_poll_pngs(stack: Stack) -> None:
     assert stack.http.get("/readyz").status_code == 200
-    models = stack.http.get("/v1/models").json()["models"]
-    assert len(models) == 1 and models[0]["image_size"] == 8 and models[0]["workers"] == 1
+    listing = stack.http.get("/v1/models").json()
+    models = listing["data"]
+    assert listing["object"] == "list" and len(models) == 1 and models[0]["object"] == "model"
+    assert models[0]["image_size"] == 8 and models[0]["workers"] == 1
+    # The id is the checkpoint's file stem; the content hash is the checksum.
+    assert models[0]["id"] == "tiny_serving" and len(models[0]["checksum"]) == 16
     r = stack.http.post("/v1/generations", json={"prompt": "a red square", "num_images": 3,
                                                  "seed": 11})
     assert r.status_code == 202
@@ -108,7 +112,7 @@ def test_submit_poll_pngs(stack: Stack) -> None:
 
 def test_class_label_checked_against_the_served_model(stack: Stack) -> None:
     """The tiny model has no classes: any class label is a 422 before it is queued."""
-    (model,) = stack.http.get("/v1/models").json()["models"]
+    (model,) = stack.http.get("/v1/models").json()["data"]
     label = int(model.get("num_classes") or 0)
     r = stack.http.post("/v1/generations", json={"prompt": "a red square", "class_label": label})
     assert r.status_code == 422 and r.json()["error"]["field"] == "class_label", r.text

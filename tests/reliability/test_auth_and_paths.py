@@ -33,7 +33,9 @@ KEY = "rel-key-Zq8vN3xW5pL1"
 OTHER = "rel-other-Hk2mB7cD9sF4"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # What may answer without a key (they carry no data); /metrics only when public.
-PUBLIC = {"/healthz", "/readyz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+PUBLIC = {"/healthz", "/readyz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json",
+          # Signed, expiring image URLs (response_format "url"): the signature is the key.
+          "/v1/images/files/{job_id}/{n}.png"}
 
 
 def _concrete(path: str) -> str:

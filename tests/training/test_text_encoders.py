@@ -82,7 +82,8 @@ def test_minilm_checkpoints_are_small_and_resume(minilm_run: dict[str, Any],
 
 @needs_minilm
 def test_cache_gives_the_same_loss(tmp_path: Path, one_thread: None) -> None:
-    flags = ["--text_encoder", "minilm", "--max_steps", "4", "--eval_every", "4"]
+    flags = ["--text_encoder", "minilm", "--max_steps", "4", "--eval_every", "4",
+             "--log_every", "1"]
     cached = run_trainer(tmp_path / "cached", *flags)
     plain = run_trainer(tmp_path / "plain", *flags, "--text_cache_size", "0")
     assert plain.text_cache is not None and plain.text_cache.cache_misses == 0  # never used
@@ -187,7 +188,8 @@ def test_minilm_checkpoint_serves_through_a_worker(minilm_run: dict[str, Any], r
         name = wait_worker_ready(redis_url, worker, timeout=180)
         store = JobStore(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
         info = next(w for w in store.live_workers() if w["name"] == name)
-        assert info["model_id"] == meta["model_id"]
+        model = next(m for m in store.models() if m["id"] == info["model_id"])
+        assert model["checksum"] == meta["model_id"]  # the id is the file's name
         job_id, _ = store.create_job(GenerationParams(prompt="a crimson ball", seed=3))
         job = wait_for(lambda: (j := store.get(job_id)) and j.status in
                        ("succeeded", "failed") and j, 120, "the job to finish")

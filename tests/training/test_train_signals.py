@@ -86,12 +86,12 @@ def test_sigkill_many_times(tmp_path: Path) -> None:
     _kill_cycles(tmp_path, 15)
 
 
-def _ddp_sigterm(ck: Path) -> None:
+def _ddp_sigterm(ck: Path, signum: int = signal.SIGTERM) -> None:
     from model import load_checkpoint
 
     proc = _start(ck, "--world_size", "2", "--batch_size", "4")
     _wait_for(ck / "latest.pth", proc, timeout=90)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err[-2000:]
     meta = load_checkpoint(ck / "latest.pth")[1]
@@ -102,6 +102,12 @@ def _ddp_sigterm(ck: Path) -> None:
 def test_sigterm_reaches_spawned_ranks(tmp_path: Path) -> None:
     """`--world_size 2`: SIGTERM to the launcher is forwarded; rank 0 saves, all exit 0."""
     _ddp_sigterm(tmp_path / "ddp_term")
+
+
+def test_ctrl_c_to_the_launcher_stops_spawned_ranks(tmp_path: Path) -> None:
+    """A SIGINT sent to the `--world_size 2` launcher alone (not the process group) is
+    forwarded as a stop: the ranks save and all exit 0."""
+    _ddp_sigterm(tmp_path / "ddp_int", signal.SIGINT)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ OPTIONS = {
     "shapes_synonym_prob": 0.0,   # shapes: share of training captions reworded
     "download": False,            # cifar100: fetch and verify the archive first
     "check_images": True,         # file datasets: verify headers at load, skip bad ones
-    "val_fraction": 0.05,         # imagenet, folder: holdout when no val folder exists
+    "val_fraction": 0.05,         # imagenet, folder, coco: holdout when a split is missing
     "caption_column": "text",     # folder: the metadata.jsonl key holding the caption
 }
 
@@ -72,7 +72,8 @@ def build_dataset(name: str, data_root: str | Path | None, image_size: int,
     if name == "coco":
         from training.datasets.coco import CocoCaptionsDataset
 
-        return CocoCaptionsDataset(data_root, image_size, split, **files)
+        return CocoCaptionsDataset(data_root, image_size, split,
+                                   val_fraction=float(opts["val_fraction"]), **files)
     if name == "folder":
         from training.datasets.folder import CaptionFolderDataset
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from model.errors import PromptPixError
+from training.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ def scan_readable(
     """
     keep: list[int] = []
     skipped: list[Path] = []
-    bar = tqdm(paths, desc=f"checking {what}", unit="img", disable=len(paths) <= _PROGRESS_FROM)
+    bar = track(paths, len(paths), f"checking {what}", "img",
+                enabled=len(paths) > _PROGRESS_FROM)
     for i, path in enumerate(bar):
         if not path.is_file() or (check and not image_is_readable(path)):
             skipped.append(path)

@@ -6,6 +6,10 @@ equally). Each image has about five captions; item i uses the one picked by
 `set_epoch(e)` each epoch rotates through them. When the caption file is missing, every
 image found in the image folder gets the generic caption "a photo", with a warning, as
 the original guide says.
+
+Most people fetch one split only (val2017 is 1 GB, train2017 18 GB). When only one of
+`train2017/` and `val2017/` exists, both splits come from it: val is a fixed 1-in-20
+holdout (`val_fraction`) of its images, train the rest, and the log says so.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from training.datasets.base import (
     DatasetError,
     FileDataset,
     Item,
+    holdout,
     list_images,
     load_image,
     require_dir,
@@ -65,16 +70,38 @@ def read_captions(path: Path) -> tuple[dict[int, str], dict[int, list[str]]]:
     return files, captions
 
 
+def _source_split(root: Path, split: str, val_fraction: float) -> tuple[str, str | None]:
+    """Which image folder `split` reads, and the holdout part to take of it (None: all).
+
+    A split's images exist when its `{split}2017/` folder does (the caption files of both
+    splits come in one archive, so captions alone say nothing).
+    """
+    have = [s for s in ("train", "val") if (root / f"{s}2017").is_dir()]
+    if len(have) == 2:
+        return split, None
+    if not have:
+        raise DatasetError(f"{root} has neither train2017/ nor val2017/; expected COCO images "
+                           f"in at least one of them (captions in annotations/"
+                           f"captions_{{train,val}}2017.json)")
+    only = have[0]
+    if split == "val":  # said once per run: the trainer builds train, then val
+        log.info("coco: only %s2017/ under %s: val is a fixed 1-in-%d holdout of its images, "
+                 "train the rest (--val_fraction %g)", only, root,
+                 max(2, round(1.0 / val_fraction)), val_fraction)
+    return only, split
+
+
 class CocoCaptionsDataset(FileDataset):
     """COCO 2017 images with their human captions (or "a photo" without a caption file)."""
 
     def __init__(self, data_root: str | Path, image_size: int, split: str = "train",
-                 check_images: bool = True) -> None:
+                 check_images: bool = True, val_fraction: float = 0.05) -> None:
         super().__init__(image_size, split)
         root = require_dir(Path(data_root), "a COCO folder with annotations/ and "
                                             "train2017/ / val2017/")
-        image_dir = root / f"{split}2017"
-        ann_path = root / "annotations" / f"captions_{split}2017.json"
+        source, part = _source_split(root, split, val_fraction)
+        image_dir = root / f"{source}2017"
+        ann_path = root / "annotations" / f"captions_{source}2017.json"
         self.epoch = 0
         if not ann_path.is_file():
             log.warning("%s not found: every image in %s gets the generic caption %r",
@@ -95,6 +122,10 @@ class CocoCaptionsDataset(FileDataset):
             uncaptioned = len(files) - len(items)
             if uncaptioned:
                 log.info("%s: %d image(s) without captions left out", ann_path, uncaptioned)
+        if part is not None:
+            chosen = holdout(len(items), part, val_fraction)
+            items = [items[i] for i in chosen]
+            caption_lists = [caption_lists[i] for i in chosen]
         keep = self._set_items(items, f"coco {split} ({image_dir})", check_images)
         self.caption_lists = [caption_lists[i] for i in keep]
 

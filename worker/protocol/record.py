@@ -51,6 +51,7 @@ class JobRecord:
     error_message: str = ""
     idem: str = ""  # the Idempotency-Key's Redis key, if any
     quota: str = ""  # the caller's waiting-jobs zset, if capped
+    user: str = ""  # a client's own label (OpenAI's `user`), never the owner
     test_hooks: Any = None
     kind: JobKind = JobKind.GENERATE
     result: Any = None  # what the job computed besides images (bits/dim, a score's results)
@@ -70,7 +71,7 @@ class JobRecord:
                 finished_at=float(t("finished_at")) if t("finished_at") else None,
                 worker=t("worker"), model=json.loads(t("model")) if t("model") else None,
                 error_code=t("error_code"), error_message=t("error_message"),
-                idem=t("idem"), quota=t("quota"),
+                idem=t("idem"), quota=t("quota"), user=t("user"),
                 test_hooks=_json_or_text(t("test_hooks")) if t("test_hooks") else None,
                 kind=JobKind(t("kind") or JobKind.GENERATE.value),
                 result=_json_or_text(t("result")) if t("result") else None,

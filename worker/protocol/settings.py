@@ -6,6 +6,7 @@ It lives in the torch-free protocol package because both rooms read it: the API
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -16,6 +17,30 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .schema import HEARTBEAT_TTL_FACTOR, MAX_BODY_BYTES, MAX_IMAGES, MAX_PROMPT_CHARS
 
 MIN_API_KEY_CHARS = 16
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def model_name_for(checkpoint: str | Path, name: str | None = None) -> str:
+    """A model's id: `name` (PROMPTPIX_MODEL_NAME) or the checkpoint's file stem, with
+    characters outside [A-Za-z0-9._-] replaced by '-'."""
+    if name:
+        return name
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(checkpoint).stem).lstrip("._-")[:64]
+    return stem or "model"
+
+
+def parse_aliases(text: str) -> dict[str, str]:
+    """`a=b,c=d` as {a: b, c: d}; a malformed entry raises ValueError naming it."""
+    out: dict[str, str] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        foreign, sep, ours = (x.strip() for x in entry.partition("="))
+        if not sep or not foreign or not MODEL_NAME.match(ours):
+            raise ValueError(f"PROMPTPIX_MODEL_ALIASES entry {entry!r} must be "
+                             "foreign-name=model-id")
+        out[foreign] = ours
+    return out
 
 
 class Settings(BaseSettings):
@@ -57,6 +82,12 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = "127.0.0.1,::1"  # proxies whose X-Forwarded-For is believed
     auth_failure_limit: int = Field(30, ge=0)  # failed auths a minute per address; 0 = off
     worker_metrics_host: str = "127.0.0.1"
+    # --- models and the OpenAI-compatible images API (issue 17)
+    model_name: str | None = None  # the worker's model id; default: the checkpoint's file stem
+    model_aliases: str = ""  # foreign=ours,...  e.g. dall-e-3=shapes16
+    sync_timeout: float = Field(300.0, gt=0, le=3600)  # POST /v1/images/generations waits
+    url_secret: SecretStr | None = None  # signs image URLs; unset = random per process
+    url_ttl: int = Field(3600, ge=1, le=7 * 86400)  # seconds a signed image URL works
     # --- client (`promptpix submit`)
     url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
@@ -70,6 +101,24 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"PROMPTPIX_REDIS_URL must be redis://, rediss:// or unix://, got {scheme!r}")
         return v
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        if v is not None and not MODEL_NAME.match(v):
+            raise ValueError(f"PROMPTPIX_MODEL_NAME must match {MODEL_NAME.pattern}, got {v!r}")
+        return v
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _aliases(cls, v: str) -> str:
+        parse_aliases(v)
+        return v
+
+    @property
+    def alias_map(self) -> dict[str, str]:
+        """`PROMPTPIX_MODEL_ALIASES` as {foreign name: model id}."""
+        return parse_aliases(self.model_aliases)
 
     @field_validator("api_keys")
     @classmethod
