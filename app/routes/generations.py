@@ -109,6 +109,7 @@ _WAIT_DOC = ("`Prefer: wait=N` (N <= 60): the finished job view (200) when the j
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated,
+             operation_id="submit_v1_generations_post",
              responses={200: {"model": JobView | JobCreated,
                               "description": "Repeated Idempotency-Key (JobCreated), or "
                               "the finished job under " + _WAIT_DOC},
@@ -116,14 +117,14 @@ _WAIT_DOC = ("`Prefer: wait=N` (N <= 60): the finished job view (200) when the j
                               "description": "`idempotency_conflict`"},
                         503: {"model": ErrorResponse, "description": "Redis unreachable "
                               "(`unavailable`) or full (`storage_full`); see Retry-After"}})
-async def submit(
+async def post_generation(
     body: GenerationRequest, request: Request, response: Response, principal: PrincipalDep,
     store: StoreDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     prefer: Annotated[str | None, Header(description=_WAIT_DOC)] = None,
 ) -> Response | JobCreated:
     """Queue a generation job; poll `status_url` for progress and images."""
-    created = await run_in_threadpool(_submit, body, response, principal, store, settings,
+    created = await run_in_threadpool(submit, body, response, principal, store, settings,
                                       idempotency_key)
     return await answer_after_wait(request, settings, created, response,
                                    lambda: job_view(find_job(created.id, principal, store),
@@ -146,8 +147,9 @@ async def answer_after_wait(request: Request, settings: SettingsDep, created: Jo
     return created
 
 
-def _submit(body: GenerationRequest, response: Response, principal: PrincipalDep,
-            store: StoreDep, settings: SettingsDep, idempotency_key: str | None) -> JobCreated:
+def submit(body: GenerationRequest, response: Response, principal: PrincipalDep,
+           store: StoreDep, settings: SettingsDep, idempotency_key: str | None) -> JobCreated:
+    """Admit a generation job (blocking: Redis); the answer without any wait."""
     _check_limits(body, settings, store)
     idem = None
     if idempotency_key is not None:
