@@ -130,6 +130,12 @@ def test_score_ranks_captions_with_exact_bits(stack: httpx.Client, model: Any) -
     # A job id read under the other kind's route is 404.
     assert stack.get(f"/v1/generations/{created['id']}").status_code == 404
     assert stack.get(f"/v1/generations/{created['id']}/images/0.png").status_code == 404
+    # Scores share the owner's job index but are not listed as generations.
+    listed = stack.get("/v1/generations")
+    assert listed.status_code == 200, listed.text
+    assert created["id"] not in {j["id"] for j in listed.json()["data"]}
+    # It waited on its model's queue (resolved as for generations: the only one served).
+    assert job["model"]["id"] == stack.get("/v1/models").json()["data"][0]["id"]
     # A finished score cannot be canceled.
     assert stack.delete(created["status_url"]).json()["error"]["code"] == "not_cancelable"
 

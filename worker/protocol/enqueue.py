@@ -118,8 +118,10 @@ class EnqueueOps(StoreBase):
 
     def list_jobs(self, owner: str, limit: int, cursor: tuple[float, str] | None = None,
                   status: str | None = None, scan: int = 1000,
+                  kind: JobKind | None = None,
                   ) -> tuple[list[JobRecord], tuple[float, str] | None]:
-        """An owner's jobs, newest first: up to `limit` (with `status` only), after `cursor`
+        """An owner's jobs, newest first: up to `limit` (with `status` only, of `kind`
+        only when given), after `cursor`
         (the (created_at, id) of the last job of the previous page). Looks at no more than
         `scan` entries per call, so a rare status cannot make one call read everything.
         Returns the jobs and the cursor of the next page (None: no more)."""
@@ -149,7 +151,8 @@ class EnqueueOps(StoreBase):
                     gone.append(m)
                     continue
                 job = JobRecord.from_hash(raw)
-                if status is None or job.status.value == status:
+                if ((status is None or job.status.value == status)
+                        and (kind is None or job.kind is kind)):
                     out.append(job)
                     if len(out) == limit:
                         break
