@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("training.evaluate", "main", "bits/dim and prompt alignment of a checkpoint"),
     "submit": ("app.client", "main", "submit a prompt to a running server and fetch PNGs"),
     "webhooks": ("app.webhook_sender", "main", "deliver job events to their webhooks (signed)"),
+    "score": ("app.score_client", "main", "rank captions of an image by exact likelihood"),
 }
 
 

@@ -17,7 +17,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 
-from worker.protocol import JobRecord, JobStore, Settings
+from worker.protocol import JobKind, JobRecord, JobStore, Settings
 
 from .errors import ApiError, not_found
 from .ratelimit import WindowCounter
@@ -147,12 +147,15 @@ PrincipalDep = Annotated[Principal, Depends(rate_limited)]
 JobIdPath = Annotated[str, Path(description="job id (32 hex digits)")]
 
 
-def find_job(job_id: str, principal: Principal, store: JobStore) -> JobRecord:
-    """The job hash, or 404 when unknown, expired or another key's (reads Redis)."""
+def find_job(job_id: str, principal: Principal, store: JobStore,
+             kind: JobKind = JobKind.GENERATE) -> JobRecord:
+    """The job hash, or 404 when unknown, expired, another key's or of another kind than
+    the route's (reads Redis)."""
     if not re.match(JOB_ID_PATTERN, job_id):
         raise not_found()
     job = store.get(job_id)
-    if job is None or not hmac.compare_digest(job.owner, principal.owner):
+    if (job is None or not hmac.compare_digest(job.owner, principal.owner)
+            or job.kind is not kind):
         raise not_found()
     return job
 

@@ -20,7 +20,17 @@ from .errors import install_error_handlers
 from .jobwatch import close_async_redis
 from .metrics import MetricsMiddleware
 from .middleware import BodyLimitMiddleware, HostCheckMiddleware, SecurityHeadersMiddleware
-from .routes import docs, events, generations, listing, models, openai_images, service, web
+from .routes import (
+    docs,
+    events,
+    generations,
+    listing,
+    models,
+    openai_images,
+    scores,
+    service,
+    web,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(generations.router)
     app.include_router(listing.router)
+    app.include_router(scores.router)
     app.include_router(models.router)
     app.include_router(openai_images.router)
     app.include_router(events.router)
@@ -66,7 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = outermost: the body limit sees the request before anything reads it;
     # the Host check refuses before that, and every answer (refusals too) gets the headers.
     app.add_middleware(MetricsMiddleware)
-    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes,
+                       upload_paths=scores.UPLOAD_PATHS)
     app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
     app.add_middleware(SecurityHeadersMiddleware)
     return app

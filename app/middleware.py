@@ -26,22 +26,28 @@ class BodyLimitMiddleware:
     answered here.
     """
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES,
+                 upload_limit: int | None = None,
+                 upload_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.limit = limit
+        self.upload_limit = upload_limit or limit  # for `upload_paths` (exact paths)
+        self.upload_paths = upload_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = (self.upload_limit if scope.get("path", "").rstrip("/") in self.upload_paths
+                 else self.limit)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.limit
+                    too_big = int(value) > limit
                 except ValueError:
                     too_big = False  # h11 rejects malformed lengths before we see them
                 if too_big:
-                    await self._reject(scope, receive, send)
+                    await self._reject(scope, receive, send, limit)
                     return
         seen = 0
         started = False
@@ -51,7 +57,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     scope[BODY_TOO_LARGE_SCOPE_KEY] = True
                     raise BodyTooLarge()
             return message
@@ -67,11 +73,11 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if started:
                 raise
-            await self._reject(scope, receive, send)
+            await self._reject(scope, receive, send, limit)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         response = error_response(413, "payload_too_large",
-                                  f"the body is larger than {self.limit} bytes",
+                                  f"the body is larger than {limit} bytes",
                                   headers={"Connection": "close"})
         await response(scope, receive, send)
 

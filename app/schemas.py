@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.protocol import MAX_SEED, SamplingParams
+from worker.protocol import MAX_IMAGES, MAX_SEED, SamplingParams
 
 
 class GenerationRequest(SamplingParams):
@@ -25,6 +25,10 @@ class GenerationRequest(SamplingParams):
     )
 
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="null = drawn and returned")
+    best_of: int | None = Field(
+        None, ge=1, le=MAX_IMAGES,
+        description="sample this many (num_images..4x num_images, counted against "
+                    "PROMPTPIX_MAX_IMAGES) and return the num_images most probable")
     webhook: str | None = Field(None, max_length=2048, description=(
         "URL told of this job's events by signed POSTs (Standard Webhooks); needs "
         "PROMPTPIX_WEBHOOK_SECRET on the server, and an address PROMPTPIX_WEBHOOK_ALLOW allows"))
@@ -86,6 +90,8 @@ class JobView(BaseModel):
     started_at: str | None
     finished_at: str | None
     images: list[str]
+    image_bits_per_dim: list[float] | None = Field(
+        None, description="each image's exact bits/dim under its prompt (when succeeded)")
     preview_url: str | None
     error: JobErrorOut | None
     user: str | None = Field(None, description="the `user` label of an OpenAI-API request")

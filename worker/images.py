@@ -32,18 +32,22 @@ def encode_png(chw: np.ndarray, text: dict[str, str] | None = None) -> bytes:
 
 
 def result_pngs(images: torch.Tensor, prompt: str, seeds: list[int], params: dict[str, Any],
-                model_id: str) -> list[bytes]:
-    """PNG bytes of each image (N×C×H×W uint8), carrying prompt, seed, params, model id.
+                model_id: str, bits: list[float] | None = None) -> list[bytes]:
+    """PNG bytes of each image (N×C×H×W uint8), carrying prompt, seed, params, model id
+    and, given `bits`, the image's exact bits/dim under its prompt (`image_bits_per_dim`).
 
     Nothing job-specific goes in, so the same request reproduces byte-identical files."""
     arr = images.detach().to("cpu").numpy()
     out = []
     for k, chw in enumerate(arr):
-        out.append(encode_png(chw, {
+        text = {
             "prompt": prompt, "seed": str(seeds[k]),
             "parameters": json.dumps({**params, "seed": seeds[k]}, sort_keys=True),
             "model_id": model_id, "Software": "promptpix",
-        }))
+        }
+        if bits is not None:
+            text["image_bits_per_dim"] = repr(round(bits[k], 6))
+        out.append(encode_png(chw, text))
     return out
 
 

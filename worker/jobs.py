@@ -24,12 +24,14 @@ from .images import grey_preview, preview_png, result_pngs
 from .protocol import (
     PROGRESS_MIN_INTERVAL_S,
     JobErrorCode,
+    JobKind,
     JobPayload,
     JobStatus,
     JobStore,
     PayloadError,
     Settings,
     parse_payload,
+    payload_kind,
     rq_job_id,
     storage_full,
 )
@@ -156,7 +158,7 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
         if problem is not None:
             _fail(ctx, p.job_id, p.attempt, JobErrorCode.INVALID_REQUEST, problem)
             raise InvalidJob(problem)
-        batch = [p, *_take_mates(ctx, ctx.settings.max_batch - p.params.num_images)]
+        batch = [p, *_take_mates(ctx, ctx.settings.max_batch - p.params.samples)]
         return _run(ctx, batch)
     finally:
         ctx.current_jobs = []
@@ -195,6 +197,8 @@ def _take_mates(ctx: WorkerContext, budget: int) -> list[JobPayload]:
         if not head:
             return mates
         for job_id, attempt, raw in head:
+            if payload_kind(raw) is not JobKind.GENERATE:
+                return mates  # a sampling batch holds one kind; queue order is kept
             seen.add(job_id)
             problem: tuple[JobErrorCode, str] | None = None
             try:
@@ -202,7 +206,7 @@ def _take_mates(ctx: WorkerContext, budget: int) -> list[JobPayload]:
             except PayloadError as e:
                 problem = (JobErrorCode.INVALID_PAYLOAD, str(e))
             else:
-                if m.params.num_images > budget:
+                if m.params.samples > budget:
                     return mates
                 why = _unrunnable(ctx, m)
                 problem = None if why is None else (JobErrorCode.INVALID_REQUEST, why)
@@ -215,7 +219,7 @@ def _take_mates(ctx: WorkerContext, budget: int) -> list[JobPayload]:
                     _fail(ctx, job_id, attempt, *problem)
                 continue
             mates.append(m)
-            budget -= m.params.num_images
+            budget -= m.params.samples
             if budget < 1:
                 return mates
     return mates
@@ -233,7 +237,8 @@ def _fail(ctx: WorkerContext, job_id: str, attempt: int, code: JobErrorCode,
 
 
 def _finish(ctx: WorkerContext, job_id: str, attempt: int, status: JobStatus,
-            images: list[bytes] | None = None, error: tuple[str, str] | None = None) -> bool:
+            images: list[bytes] | None = None, error: tuple[str, str] | None = None,
+            result: Any = None) -> bool:
     """The final write of one job; retried while Redis is full (or unreachable) for up to
     FINAL_WRITE_RETRY_S, so finished images wait for room instead of being dropped.
 
@@ -245,7 +250,7 @@ def _finish(ctx: WorkerContext, job_id: str, attempt: int, status: JobStatus,
     while True:
         try:
             ok = ctx.store.finish(job_id, attempt, ctx.worker_name, status,
-                                  images=images or (), error=error)
+                                  images=images or (), error=error, result=result)
             if tries:
                 logger.warning("job %s: final write went through after %d retries", job_id,
                                tries)
@@ -291,7 +296,7 @@ def _start(ctx: WorkerContext, p: JobPayload) -> None:
         metrics.QUEUE_WAIT.observe(max(0.0, job.started_at - job.created_at))
     try:
         ctx.store.write_progress(p.job_id, p.attempt, ctx.worker_name, 0.0,
-                                 grey_preview(params.num_images, info["channels"],
+                                 grey_preview(params.samples, info["channels"],
                                               info["image_size"]))
     except redis.ResponseError as e:
         if not storage_full(e):
@@ -304,10 +309,10 @@ def _start(ctx: WorkerContext, p: JobPayload) -> None:
 def _request(p: JobPayload, run: _Attempt) -> SampleRequest:
     params = p.params
     return SampleRequest(
-        [params.prompt], num_images=params.num_images,
+        [params.prompt], num_images=params.samples,
         class_labels=None if params.class_label is None else [params.class_label],
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-        guidance_scale=params.guidance_scale, seed=params.image_seeds(),
+        guidance_scale=params.guidance_scale, seed=params.sample_seeds(),
         progress=run.progress, should_stop=run.should_stop)
 
 
@@ -324,7 +329,7 @@ def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
             _start(ctx, p)
         if len(batch) > 1:
             logger.info("batch of %d jobs (%d images): %s", len(batch),
-                        sum(p.params.num_images for p in batch),
+                        sum(p.params.samples for p in batch),
                         " ".join(p.job_id for p in batch))
         metrics.BATCH_JOBS.observe(len(batch))
         runs = [_Attempt(ctx, p) for p in batch]
@@ -333,8 +338,8 @@ def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
         results = generate_batch(ctx.model, requests, decoder=ctx.decoder)
         elapsed = time.perf_counter() - start
         records: dict[str, dict[str, Any]] = {}
-        for p, run, images in zip(batch, runs, results, strict=True):
-            records[p.job_id] = _record(ctx, p, run, images, elapsed)
+        for p, run, images, bits in zip(batch, runs, results, results.bits, strict=True):
+            records[p.job_id] = _record(ctx, p, run, images, bits, elapsed)
             del pending[p.job_id]
     except JobTimeoutException:
         for p in pending.values():
@@ -362,7 +367,7 @@ def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
                   f"{type(e).__name__}: {str(e)[:1000]}")
         raise
     size, channels = info["image_size"], info["channels"]
-    total_tokens = sum(p.params.num_images for p in batch) * size * size * channels
+    total_tokens = sum(p.params.samples for p in batch) * size * size * channels
     # RQ's return value: the primary job's outcome as before, plus the batch's others.
     out: dict[str, Any] = {"job_id": primary.job_id, **records.get(primary.job_id, {})}
     if len(batch) > 1:
@@ -371,9 +376,20 @@ def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
     return out
 
 
+def best_images(images: torch.Tensor, bits: torch.Tensor, seeds: list[int], keep: int
+                ) -> tuple[torch.Tensor, list[float], list[int]]:
+    """The `keep` most probable samples (fewest bits/dim first; ties in sampling order),
+    with their bits/dim and seeds; all of them in sampling order when `keep` is all."""
+    order = list(range(len(seeds)))
+    if keep < len(seeds):
+        order = sorted(order, key=lambda k: (float(bits[k]), k))[:keep]
+    return images[order], [float(bits[k]) for k in order], [seeds[k] for k in order]
+
+
 def _record(ctx: WorkerContext, p: JobPayload, run: _Attempt, images: torch.Tensor | None,
-            elapsed: float) -> dict[str, Any]:
-    """Finish one job of a batch: PNGs, or requeue/cancel when its sampling was stopped."""
+            bits: torch.Tensor | None, elapsed: float) -> dict[str, Any]:
+    """Finish one job of a batch: PNGs (with each image's exact bits/dim, the `best_of`
+    most probable), or requeue/cancel when its sampling was stopped."""
     job_id, attempt, params, store = p.job_id, p.attempt, p.params, ctx.store
     if images is None:
         if run.shutdown:
@@ -387,14 +403,18 @@ def _record(ctx: WorkerContext, p: JobPayload, run: _Attempt, images: torch.Tens
         time.sleep(float(run.hooks["encode_delay"]))
     params_public = params.model_dump(mode="json")
     params_public.pop("prompt")
-    seeds = params.image_seeds()
-    pngs = result_pngs(images, params.prompt, seeds, params_public, ctx.model_info["id"])
-    ok = _finish(ctx, job_id, attempt, JobStatus.SUCCEEDED, images=pngs)
+    assert bits is not None  # generate_batch gives bits for every request it finished
+    images, image_bits, seeds = best_images(images, bits, params.sample_seeds(),
+                                            params.num_images)
+    pngs = result_pngs(images, params.prompt, seeds, params_public, ctx.model_info["id"],
+                       bits=image_bits)
+    ok = _finish(ctx, job_id, attempt, JobStatus.SUCCEEDED, images=pngs,
+                 result={"image_bits_per_dim": image_bits, "seeds": seeds})
     info = ctx.model_info
-    tokens = params.num_images * info["image_size"] ** 2 * info["channels"]
+    tokens = params.samples * info["image_size"] ** 2 * info["channels"]
     metrics.GENERATION.observe(elapsed)
     metrics.TOKENS.inc(tokens)
-    metrics.IMAGES.inc(params.num_images)
+    metrics.IMAGES.inc(params.samples)
     if ok:
         metrics.JOBS_COMPLETED.labels(JobStatus.SUCCEEDED.value).inc()
     else:
@@ -403,3 +423,9 @@ def _record(ctx: WorkerContext, p: JobPayload, run: _Attempt, images: torch.Tens
                 "succeeded" if ok else "finished but was no longer ours", elapsed,
                 json.dumps({"tokens_per_s": round(tokens / max(elapsed, 1e-9))}))
     return {"images": len(pngs) if ok else 0}
+
+
+# The allowlisted score function (API.md "Job kinds"), implemented in worker/scoring.py.
+from .scoring import score  # noqa: E402
+
+__all__ = ["generate", "score"]

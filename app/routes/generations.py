@@ -6,11 +6,14 @@ import hashlib
 import logging
 import secrets
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Response, status
+from fastapi import APIRouter, Depends, Header, Request, Response, status
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from worker.protocol import (
+    MAX_BEST_OF_FACTOR,
     MAX_SEED,
     GenerationParams,
     IdempotencyConflict,
@@ -35,6 +38,7 @@ from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
 from ..metrics import JOBS_SUBMITTED
 from ..modelsel import check_class_label, resolve_model
 from ..schemas import GenerationRequest, JobCreated, JobErrorOut, JobModel, JobView
+from ..waiting import prefer_wait, wait_until_finished
 from ..webhook_policy import webhook_for, webhook_status
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,8 @@ def job_view(job: JobRecord, store: StoreDep) -> JobView:
         created_at=iso(job.created_at) or "", started_at=iso(job.started_at),
         finished_at=iso(job.finished_at),
         images=[f"{PREFIX}/{job.id}/images/{n}.png" for n in range(n_images)],
+        image_bits_per_dim=(job.result.get("image_bits_per_dim")
+                            if n_images and isinstance(job.result, dict) else None),
         preview_url=f"{PREFIX}/{job.id}/preview.png" if job.has_preview else None,
         error=error, user=job.user, webhook=webhook_status(job),
     )
@@ -87,23 +93,65 @@ def _check_limits(body: GenerationRequest, settings: SettingsDep,
     if body.num_images > settings.max_images:
         raise ApiError(422, "invalid_request",
                        f"num_images must be at most {settings.max_images}", "num_images")
+    if body.best_of is not None:
+        top = min(MAX_BEST_OF_FACTOR * body.num_images, settings.max_images)
+        if not body.num_images <= body.best_of <= top:
+            raise ApiError(422, "invalid_request",
+                           f"best_of must be {body.num_images}..{top} (num_images to "
+                           f"{MAX_BEST_OF_FACTOR}x num_images, at most PROMPTPIX_MAX_IMAGES="
+                           f"{settings.max_images}), got {body.best_of}", "best_of")
     model = resolve_model(store, body.model)
     check_class_label(model, body.class_label)
     return body.model_copy(update={"model": model["id"]})
 
 
+_WAIT_DOC = ("`Prefer: wait=N` (N <= 60): the finished job view (200) when the job ends "
+             "within N seconds, else the usual 202")
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated,
-             responses={200: {"model": JobCreated, "description": "Repeated Idempotency-Key"},
+             operation_id="submit_v1_generations_post",
+             responses={200: {"model": JobView | JobCreated,
+                              "description": "Repeated Idempotency-Key (JobCreated), or "
+                              "the finished job under " + _WAIT_DOC},
                         409: {"model": ErrorResponse,
                               "description": "`idempotency_conflict`"},
                         503: {"model": ErrorResponse, "description": "Redis unreachable "
                               "(`unavailable`) or full (`storage_full`); see Retry-After"}})
-def submit(
-    body: GenerationRequest, response: Response, principal: PrincipalDep, store: StoreDep,
-    settings: SettingsDep,
+async def post_generation(
+    body: GenerationRequest, request: Request, response: Response, principal: PrincipalDep,
+    store: StoreDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> JobCreated:
+    prefer: Annotated[str | None, Header(description=_WAIT_DOC)] = None,
+) -> Response | JobCreated:
     """Queue a generation job; poll `status_url` for progress and images."""
+    created = await run_in_threadpool(submit, body, response, principal, store, settings,
+                                      idempotency_key)
+    return await answer_after_wait(request, settings, created, response,
+                                   lambda: job_view(find_job(created.id, principal, store),
+                                                    store))
+
+
+async def answer_after_wait(request: Request, settings: SettingsDep, created: JobCreated,
+                            response: Response, view: Any) -> Response | JobCreated:
+    """The submission's answer: with `Prefer: wait=N`, the finished view (200) when the job
+    ended in time; otherwise `created` (202, or 200 for a repeated Idempotency-Key)."""
+    seconds = prefer_wait(request)
+    if seconds and await wait_until_finished(settings, created.id, seconds):
+        try:
+            finished = await run_in_threadpool(view)
+        except ApiError:
+            return created  # expired meanwhile (only with a tiny RESULT_TTL)
+        return JSONResponse(finished.model_dump(mode="json"), status_code=200,
+                            headers={"Location": created.status_url,
+                                     "Preference-Applied": f"wait={seconds}"})
+    return created
+
+
+def submit(body: GenerationRequest, response: Response, principal: PrincipalDep,
+           store: StoreDep, settings: SettingsDep,
+           idempotency_key: str | None = None) -> JobCreated:
+    """Admit a generation job (blocking: Redis); the answer without any wait."""
     requested = body.model_dump()
     body = _check_limits(body, settings, store)
     idem = None

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
+from worker.protocol import JobKind
+
 from ..deps import PrincipalDep, StoreDep, rate_limited
 from ..errors import ERROR_RESPONSES, ApiError
 from ..schemas import JobView
@@ -54,7 +56,9 @@ def list_jobs(
     cursor: Annotated[str | None, Query(max_length=200,
                                         description="`next_cursor` of the previous page")] = None,
 ) -> JobPage:
-    """Your jobs (this API key's; everyone's when keys are off), newest first."""
+    """Your generation jobs (this API key's; everyone's when keys are off), newest first;
+    score jobs are not listed."""
     jobs, nxt = store.list_jobs(principal.owner, limit,
-                                _decode(cursor) if cursor else None, status)
+                                _decode(cursor) if cursor else None, status,
+                                kind=JobKind.GENERATE)
     return JobPage(data=[job_view(j, store) for j in jobs], next_cursor=_encode(nxt))

@@ -4,12 +4,15 @@ refusing a name already registered with other weights. Real Redis, uvicorn and w
 
 from __future__ import annotations
 
+import base64
+import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from PIL import Image
 
 from app.redis_server import RedisServer, free_port
 from tests.worker.helpers import (
@@ -63,6 +66,17 @@ def test_two_models_side_by_side_and_a_model_without_workers(
         assert early.status_code == 202, early.text
         r = redis.Redis.from_url(rs.url)
         assert r.llen("rq:queue:generate:beta") == 1 and r.llen("rq:queue:generate:alpha") == 0
+        # Scores resolve their model the same way and wait in that model's queue.
+        png = io.BytesIO()
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(png, format="PNG")
+        score = {"image": base64.b64encode(png.getvalue()).decode(), "captions": ["red"]}
+        s = http.post("/v1/scores", json=score)
+        assert s.status_code == 422 and s.json()["error"]["code"] == "model_required", s.text
+        s = http.post("/v1/scores", json={**score, "model": "beta"})
+        assert s.status_code == 202, s.text
+        assert r.llen("rq:queue:generate:beta") == 2 and r.llen("rq:queue:generate:alpha") == 0
+        assert http.delete(s.json()["status_url"]).status_code == 200
+        assert r.llen("rq:queue:generate:beta") == 1
 
         alpha = start_worker(rs.url, checkpoints["alpha"], tmp_path / "alpha.log")
         procs.append(alpha)

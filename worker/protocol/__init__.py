@@ -7,9 +7,12 @@ error codes, payload validation, the job store and the reaper.
 from .reaper import Periodic, reap_once, start_reaper
 from .record import JobRecord
 from .schema import (
+    DEFAULT_TOLERANCE,
     JOB_FUNC,
     JOB_FUNCS,
+    MAX_BEST_OF_FACTOR,
     MAX_BODY_BYTES,
+    MAX_CAPTIONS,
     MAX_CLASS_LABEL,
     MAX_GUIDANCE_SCALE,
     MAX_IMAGES,
@@ -28,10 +31,14 @@ from .schema import (
     PayloadError,
     ProtocolError,
     SamplingParams,
+    ScoreParams,
+    ScorePayload,
     Transition,
     WebhookEvent,
     canonical_json,
     parse_payload,
+    parse_score_payload,
+    payload_kind,
     queue_name,
     rq_job_id,
 )
@@ -50,9 +57,12 @@ from .store import (
 )
 
 __all__ = [
+    "DEFAULT_TOLERANCE",
     "JOB_FUNC",
     "JOB_FUNCS",
+    "MAX_BEST_OF_FACTOR",
     "MAX_BODY_BYTES",
+    "MAX_CAPTIONS",
     "MAX_CLASS_LABEL",
     "MAX_GUIDANCE_SCALE",
     "MAX_IMAGES",
@@ -81,6 +91,8 @@ __all__ = [
     "QuotaExceeded",
     "Requeue",
     "SamplingParams",
+    "ScoreParams",
+    "ScorePayload",
     "Settings",
     "Transition",
     "WebhookEvent",
@@ -88,6 +100,8 @@ __all__ = [
     "describe_settings_error",
     "get_settings",
     "parse_payload",
+    "parse_score_payload",
+    "payload_kind",
     "queue_name",
     "reap_once",
     "redis_connection",

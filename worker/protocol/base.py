@@ -10,7 +10,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from .record import JobRecord
-from .schema import JOB_FUNC, Keys, ProtocolError, queue_name, rq_job_id
+from .schema import JOB_FUNCS, JobKind, Keys, ProtocolError, queue_name, rq_job_id
 from .scripts import ADMIT, CANCEL, CLAIM, FAIL_QUEUED, FINISH, PROGRESS, TAKE
 from .settings import Settings
 
@@ -104,18 +104,21 @@ class StoreBase:
         return bytes(value) if value is not None else None
 
     def _enqueue(self, pipe: Any, job_id: str, attempt: int, params: dict[str, Any],
-                 test_hooks: dict[str, Any] | None, at_front: bool) -> str:
+                 test_hooks: dict[str, Any] | None, at_front: bool,
+                 kind: JobKind = JobKind.GENERATE) -> str:
         """Write the RQ entry of one attempt on the queue of the job's model."""
         model = params.get("model") if isinstance(params, dict) else None
         queue = self.queue_for(model) if isinstance(model, str) and model else self.queue
         payload: dict[str, Any] = {"job_id": job_id, "attempt": attempt, "params": params}
+        if kind is not JobKind.GENERATE:
+            payload["kind"] = kind.value
         if test_hooks:
             payload["test_hooks"] = test_hooks
         rq_id = rq_job_id(job_id, attempt)
         queue.enqueue_call(
-            JOB_FUNC, args=(payload,), job_id=rq_id, timeout=self.settings.job_timeout,
+            JOB_FUNCS[kind], args=(payload,), job_id=rq_id, timeout=self.settings.job_timeout,
             ttl=self.settings.result_ttl, result_ttl=RQ_RESULT_TTL,
             failure_ttl=self.settings.result_ttl, at_front=at_front, pipeline=pipe,
-            description=f"generate {job_id} attempt {attempt}",
+            description=f"{kind.value} {job_id} attempt {attempt}",
         )
         return rq_id

@@ -17,10 +17,12 @@ from .schema import (
     Admission,
     GenerationParams,
     IdempotencyConflict,
+    JobKind,
     JobStatus,
     Keys,
     QueueFull,
     QuotaExceeded,
+    ScoreParams,
     rq_job_id,
 )
 
@@ -32,12 +34,13 @@ class EnqueueOps(StoreBase):
 
     def create_job(
         self,
-        params: GenerationParams,
+        params: GenerationParams | ScoreParams,
         owner: str = "",
         idempotency: tuple[str, str] | None = None,
         test_hooks: dict[str, Any] | None = None,
         quota_who: str = "",
         webhook: tuple[str, list[str]] | None = None,
+        upload: bytes | None = None,
     ) -> tuple[str, bool]:
         """Admit and enqueue a job; return (job id, created).
 
@@ -50,8 +53,11 @@ class EnqueueOps(StoreBase):
         RQ entry follows on the queue of `params.model` (None: this store's model, else
         the default or only registered one, else `ModelRequired`); if that write fails, the
         admission is undone. `webhook` = (URL, events) has the job's transitions append
-        those events (`WebhookEvent` values) to the webhook stream.
+        those events (`WebhookEvent` values) to the webhook stream. `ScoreParams` make a
+        `score` job (on its model's queue too); `upload` (the submitted image) is stored
+        beside the job, in the RQ entry's step.
         """
+        kind = JobKind.SCORE if isinstance(params, ScoreParams) else JobKind.GENERATE
         if params.model is None:  # the API always names it; `resolve_model` as it would
             model = self.model or self.resolve_model(None)["id"]  # type: ignore[attr-defined]
             params = params.model_copy(update={"model": model})
@@ -64,7 +70,7 @@ class EnqueueOps(StoreBase):
             id=job_id, status=JobStatus.QUEUED, attempt=1, retries=0,
             rq_id=rq_job_id(job_id, 1), owner=owner, params=params_dict,
             created_at=time.time(), idem=idempotency[0] if idempotency else "",
-            test_hooks=test_hooks or None, quota=quota_key,
+            test_hooks=test_hooks or None, quota=quota_key, kind=kind,
             webhook=webhook[0] if webhook else "",
             webhook_events=tuple(webhook[1]) if webhook else (),
         ).new_hash()
@@ -89,13 +95,16 @@ class EnqueueOps(StoreBase):
                                 "(PROMPTPIX_MAX_QUEUED_PER_KEY); retry when one has started")
         try:
             with self.r.pipeline() as pipe:
-                self._enqueue(pipe, job_id, 1, params_dict, test_hooks, at_front=False)
+                self._enqueue(pipe, job_id, 1, params_dict, test_hooks, at_front=False,
+                              kind=kind)
+                if upload is not None:  # in RQ's MULTI: the entry never exists without it
+                    pipe.set(Keys.upload(job_id), upload, ex=ttl)
                 pipe.execute()
         except redis.RedisError:
             # Undo the admission (best effort: a crash here leaves a `queued` job without an
             # entry, which the reaper's orphan sweep enqueues).
             with contextlib.suppress(redis.RedisError), self.r.pipeline() as pipe:
-                pipe.delete(job_key)
+                pipe.delete(job_key, Keys.upload(job_id))
                 pipe.zrem(Keys.queued, job_id)
                 pipe.zrem(Keys.owner_jobs(owner), job_id)
                 if quota_key:
@@ -104,13 +113,15 @@ class EnqueueOps(StoreBase):
                     pipe.delete(idempotency[0])
                 pipe.execute()
             raise
-        logger.info("job %s queued (owner %s)", job_id, owner[:8] or "-")
+        logger.info("%s job %s queued (owner %s)", kind.value, job_id, owner[:8] or "-")
         return job_id, True
 
     def list_jobs(self, owner: str, limit: int, cursor: tuple[float, str] | None = None,
                   status: str | None = None, scan: int = 1000,
+                  kind: JobKind | None = None,
                   ) -> tuple[list[JobRecord], tuple[float, str] | None]:
-        """An owner's jobs, newest first: up to `limit` (with `status` only), after `cursor`
+        """An owner's jobs, newest first: up to `limit` (with `status` only, of `kind`
+        only when given), after `cursor`
         (the (created_at, id) of the last job of the previous page). Looks at no more than
         `scan` entries per call, so a rare status cannot make one call read everything.
         Returns the jobs and the cursor of the next page (None: no more)."""
@@ -140,7 +151,8 @@ class EnqueueOps(StoreBase):
                     gone.append(m)
                     continue
                 job = JobRecord.from_hash(raw)
-                if status is None or job.status.value == status:
+                if ((status is None or job.status.value == status)
+                        and (kind is None or job.kind is kind)):
                     out.append(job)
                     if len(out) == limit:
                         break

@@ -160,7 +160,8 @@ class LivenessOps(TransitionOps):
                     pipe.hset(key, mapping={"attempt": str(new), "rq_id": rq_job_id(job_id, new)})
                     pipe.lrem(self.job_queue(job).intermediate_queue_key, 0, rq_id)
                     pipe.hdel(f"{Keys.running}:unclaimed", rq_id)
-                    self._enqueue(pipe, job_id, new, job.params, job.test_hooks, at_front=True)
+                    self._enqueue(pipe, job_id, new, job.params, job.test_hooks, at_front=True,
+                                  kind=job.kind)
                     pipe.execute()
                     logger.warning("job %s: queue entry %s was taken but never claimed; "
                                    "requeued as attempt %d", job_id, rq_id, new)

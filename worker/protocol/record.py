@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import JobStatus, ProtocolError
+from .schema import JobKind, JobStatus, ProtocolError
 
 
 def _text(raw: Mapping[bytes | str, bytes | str], name: str) -> str:
@@ -58,6 +58,8 @@ class JobRecord:
     webhook_delivered: bool = False  # the last event sent was accepted (2xx)
     webhook_attempts: int = 0  # delivery attempts so far, all events
     webhook_last_status: int | None = None  # HTTP status of the last attempt (None: none)
+    kind: JobKind = JobKind.GENERATE
+    result: Any = None  # what the job computed besides images (bits/dim, a score's results)
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, Any]) -> JobRecord:
@@ -82,6 +84,8 @@ class JobRecord:
                 webhook_attempts=int(t("webhook_attempts") or 0),
                 webhook_last_status=(int(t("webhook_last_status"))
                                      if t("webhook_last_status") else None),
+                kind=JobKind(t("kind") or JobKind.GENERATE.value),
+                result=_json_or_text(t("result")) if t("result") else None,
             )
         except ValueError as e:
             raise ProtocolError(f"job hash {t('id')!r} is not a job record: {e}") from e
@@ -95,13 +99,15 @@ class JobRecord:
             "progress": "0", "has_preview": "0", "images": "0", "idem": self.idem,
             "test_hooks": json.dumps(self.test_hooks) if self.test_hooks else "",
             "quota": self.quota, "webhook": self.webhook,
-            "webhook_events": ",".join(self.webhook_events),
+            "webhook_events": ",".join(self.webhook_events), "kind": self.kind.value,
         }
 
     def payload(self) -> dict[str, Any]:
         """The RQ payload of the current attempt (unvalidated: `parse_payload` checks it)."""
         out: dict[str, Any] = {"job_id": self.id, "attempt": self.attempt,
                                "params": self.params}
+        if self.kind is not JobKind.GENERATE:
+            out["kind"] = self.kind.value
         if self.test_hooks:
             out["test_hooks"] = self.test_hooks
         return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -27,6 +27,13 @@ MAX_PROMPT_CHARS = 10000  # PROMPTPIX_MAX_PROMPT_CHARS may not exceed it
 MAX_GUIDANCE_SCALE = 100.0
 MAX_CLASS_LABEL = 2**20  # far above any model's classes; the exact check is per model
 MAX_BODY_BYTES = 64 * 1024
+MAX_CAPTIONS = 32  # captions of one score job (one batch of conditional likelihoods)
+MAX_TOLERANCE = 0.5  # outlier share of a sub-pixel's distribution; more would be noise
+# The default outlier share: one sub-pixel the model did not expect then costs at most
+# log2(256 / 0.01) = 14.6 bits instead of the unbounded -log2 p, while an expected one
+# pays at most -log2(0.99) = 0.015 bits more (see docs/likelihood.md).
+DEFAULT_TOLERANCE = 0.01
+MAX_BEST_OF_FACTOR = 4  # best_of may sample up to 4x num_images
 PROGRESS_MIN_INTERVAL_S = 0.25  # progress + preview written at most 4x a second
 HEARTBEAT_TTL_FACTOR = 3  # a worker key lives 3 heartbeat intervals (5 s -> 15 s)
 
@@ -170,6 +177,11 @@ class Keys:
         return f"{KEY_PREFIX}:job:{job_id}:preview"
 
     @staticmethod
+    def upload(job_id: str) -> str:
+        """The image a score job was submitted with (never echoed in its view)."""
+        return f"{KEY_PREFIX}:job:{job_id}:upload"
+
+    @staticmethod
     def worker(name: str) -> str:
         return f"{KEY_PREFIX}:worker:{name}"
 
@@ -232,10 +244,22 @@ class GenerationParams(SamplingParams):
     model_config = ConfigDict(frozen=True)
 
     seed: int = Field(ge=0, lt=MAX_SEED)
+    best_of: int | None = Field(None, ge=1, le=MAX_IMAGES,
+                                description="sample this many, keep the num_images most "
+                                            "probable (null = num_images)")
+
+    @property
+    def samples(self) -> int:
+        """Images actually sampled (best_of when set)."""
+        return max(self.best_of or 0, self.num_images)
 
     def image_seeds(self) -> list[int]:
         """Per-image seeds: image k uses seed + k, so it does not depend on num_images."""
         return [self.seed + k for k in range(self.num_images)]
+
+    def sample_seeds(self) -> list[int]:
+        """Seeds of every sample (best_of of them when set): sample k uses seed + k."""
+        return [self.seed + k for k in range(self.samples)]
 
 
 class JobPayload(BaseModel):
@@ -248,6 +272,82 @@ class JobPayload(BaseModel):
     params: GenerationParams
     # Honoured by the worker only when PROMPTPIX_TEST_HOOKS=1; the API never sets it.
     test_hooks: dict[str, float | bool] | None = None
+
+
+class ScoreParams(BaseModel):
+    """What a score job asks for (the image itself is stored beside the job)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+
+    captions: list[str] = Field(min_length=1, max_length=MAX_CAPTIONS)
+    class_labels: list[int] | None = Field(
+        None, description="one class per caption (-1 = none), for class-conditional models")
+    tolerance: float = Field(DEFAULT_TOLERANCE, ge=0.0, le=MAX_TOLERANCE,
+                             description="outlier share mixed into each sub-pixel's "
+                                         "distribution; 0 = exact likelihood only")
+    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN,
+                              description="model id (see GET /v1/models); null = the default")
+
+    @field_validator("captions")
+    @classmethod
+    def _captions(cls, v: list[str]) -> list[str]:
+        for n, c in enumerate(v):
+            if not 1 <= len(c) <= MAX_PROMPT_CHARS or not c.strip():
+                raise ValueError(f"caption {n} must have 1..{MAX_PROMPT_CHARS} characters, "
+                                 "not only whitespace")
+        return v
+
+    @field_validator("class_labels")
+    @classmethod
+    def _labels(cls, v: list[int] | None, info: Any) -> list[int] | None:
+        if v is None:
+            return v
+        captions = info.data.get("captions")
+        if captions is not None and len(v) != len(captions):
+            raise ValueError(f"{len(v)} class_labels for {len(captions)} captions; "
+                             "expected one per caption")
+        for label in v:
+            if not -1 <= label < MAX_CLASS_LABEL:
+                raise ValueError(f"class label {label} out of range; expected "
+                                 f"-1..{MAX_CLASS_LABEL - 1}")
+        return v
+
+    @field_validator("tolerance", mode="before")
+    @classmethod
+    def _int_is_float(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+        return v
+
+
+class ScorePayload(BaseModel):
+    """The RQ payload of a score job (`worker.jobs.score`)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    kind: Literal["score"]
+    job_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    attempt: int = Field(ge=1, le=1_000_000)
+    params: ScoreParams
+    test_hooks: dict[str, float | bool] | None = None
+
+
+def payload_kind(data: Any) -> JobKind | None:
+    """The kind a raw payload says it is (absent = generate; None = not a known kind)."""
+    if not isinstance(data, dict):
+        return JobKind.GENERATE  # unparseable: the generate check names the problem
+    try:
+        return JobKind(data.get("kind", JobKind.GENERATE.value))
+    except ValueError:
+        return None
+
+
+def parse_score_payload(data: Any) -> ScorePayload:
+    """Validate a score payload; raise `PayloadError` naming the problem."""
+    try:
+        return ScorePayload.model_validate(data)
+    except ValidationError as e:
+        raise PayloadError(f"invalid score payload: {e.errors(include_url=False)}") from e
 
 
 def parse_payload(data: Any) -> JobPayload:

@@ -112,16 +112,16 @@ return 1
 """)
 
 # KEYS: job hash, running set, preview, image keys... ARGV: worker, attempt, status, now,
-# ttl, error code, error message, job id, pngs... (one per image key)
+# ttl, error code, error message, job id, result json ('' = none), pngs... (one per key)
 FINISH = _lua(_HOOK + """
 local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', 'idem')
 if s[1] ~= $S_RUNNING or s[2] ~= ARGV[1] or s[3] ~= ARGV[2] then return 0 end
 local n = #KEYS - 3
 for i = 1, n do
-  redis.call('SET', KEYS[3 + i], ARGV[8 + i], 'EX', ARGV[5])
+  redis.call('SET', KEYS[3 + i], ARGV[9 + i], 'EX', ARGV[5])
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'finished_at', ARGV[4], 'images', tostring(n),
-           'error_code', ARGV[6], 'error_message', ARGV[7])
+           'error_code', ARGV[6], 'error_message', ARGV[7], 'result', ARGV[9])
 if ARGV[3] == $S_SUCCEEDED then redis.call('HSET', KEYS[1], 'progress', '1') end
 redis.call('SREM', KEYS[2], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[5])

@@ -14,7 +14,13 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .schema import HEARTBEAT_TTL_FACTOR, MAX_IMAGES, MAX_PROMPT_CHARS, MODEL_NAME_PATTERN
+from .schema import (
+    HEARTBEAT_TTL_FACTOR,
+    MAX_BODY_BYTES,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MODEL_NAME_PATTERN,
+)
 
 MIN_API_KEY_CHARS = 16
 MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
@@ -58,6 +64,8 @@ class Settings(BaseSettings):
     max_queued_per_key: int = Field(50, ge=0)
     max_images: int = Field(16, ge=1, le=MAX_IMAGES)
     max_prompt_chars: int = Field(1000, ge=1, le=MAX_PROMPT_CHARS)
+    # HTTP body limit of the upload routes (POST /v1/scores); every other route: 64 KiB
+    max_upload_bytes: int = Field(4 * 1024 * 1024, ge=MAX_BODY_BYTES)
     result_ttl: int = Field(86400, ge=10)
     job_timeout: int = Field(600, ge=1)
     max_retries: int = Field(2, ge=0)

@@ -110,14 +110,18 @@ class TransitionOps(StoreBase):
                     and job.worker == worker and job.attempt == attempt)
 
     def finish(self, job_id: str, attempt: int, worker: str, status: JobStatus,
-               images: Sequence[bytes] = (), error: tuple[str, str] | None = None) -> bool:
-        """running -> succeeded/failed with PNGs or an error; False when no longer ours."""
+               images: Sequence[bytes] = (), error: tuple[str, str] | None = None,
+               result: Any = None) -> bool:
+        """running -> succeeded/failed with PNGs or an error; False when no longer ours.
+
+        `result` (JSON-able) is what the job computed besides its images."""
         code, message = error if error else ("", "")
         out = self._finish(
             keys=[Keys.job(job_id), Keys.running, Keys.preview(job_id),
                   *[Keys.image(job_id, n) for n in range(len(images))]],
             args=[worker, str(attempt), status.value, repr(time.time()),
-                  self.settings.result_ttl, code, message[:2000], job_id, *images],
+                  self.settings.result_ttl, code, message[:2000], job_id,
+                  "" if result is None else json.dumps(result), *images],
         )
         return bool(out)
 
@@ -169,7 +173,7 @@ class TransitionOps(StoreBase):
                         })
                         pipe.delete(Keys.preview(job_id))
                         self._enqueue(pipe, job_id, new, job.params, job.test_hooks,
-                                      at_front=True)
+                                      at_front=True, kind=job.kind)
                         outcome = Requeue.REQUEUED
                     pipe.srem(Keys.running, job_id)
                     pipe.execute()
