@@ -20,7 +20,8 @@ from PIL import Image, ImageOps
 from .errors import PromptPixError
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with transparency composited onto white (dropping alpha would leave black)."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -29,7 +30,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size` (bicubic), then crop the centre size x size."""
     w, h = img.size
     if (w, h) == (size, size):
         return img
@@ -58,11 +60,11 @@ def prepare_image(image: Image.Image | bytes | str | Path, image_size: int,
             img = Image.open(io.BytesIO(image))
         else:
             img = Image.open(Path(image))
-        img = _to_rgb(ImageOps.exif_transpose(img))
+        img = to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise PromptPixError(f"cannot read the image: {e}; expected a PNG, JPEG or other "
                              "image file Pillow can decode") from e
-    img = _resize_center_crop(img, image_size)
+    img = resize_center_crop(img, image_size)
     if channels == 1:
         img = img.convert("L")
     arr = np.array(img, dtype=np.uint8)

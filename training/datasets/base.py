@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from model.errors import PromptPixError
+from model.images import resize_center_crop, to_rgb
 from training.progress import track
 
 log = logging.getLogger(__name__)
@@ -129,30 +130,6 @@ def holdout(n: int, split: str, val_fraction: float) -> list[int]:
     every = max(2, round(1.0 / val_fraction))
     in_val = [i % every == every - 1 for i in range(n)]
     return [i for i in range(n) if in_val[i] == (split == "val")]
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with transparency composited onto white (dropping alpha would leave black)."""
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
-    return img.convert("RGB")
-
-
-def resize_center_crop(
-    img: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
-) -> Image.Image:
-    """Resize so the shorter side is `size`, then crop the centre `size` x `size`."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), resample=resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
