@@ -148,28 +148,28 @@ async def answer_after_wait(request: Request, settings: SettingsDep, created: Jo
     return created
 
 
-def submit(body: GenerationRequest, response: Response, principal: PrincipalDep,
-           store: StoreDep, settings: SettingsDep,
-           idempotency_key: str | None = None) -> JobCreated:
-    """Admit a generation job (blocking: Redis); the answer without any wait."""
-    requested = body.model_dump()
-    body = _check_limits(body, settings, store)
-    idem = None
-    if idempotency_key is not None:
-        if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-            raise ApiError(422, "invalid_request",
-                           f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters",
-                           "Idempotency-Key")
-        body_hash = hashlib.sha256(canonical_json(requested).encode()).hexdigest()
-        idem = (Keys.idempotency(principal.owner or "global", idempotency_key), body_hash)
-    webhook = webhook_for(body, settings)
-    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
-    params = GenerationParams(**{**body.job_fields(), "seed": seed})
+
+def idempotency(key: str | None, requested: dict[str, Any],
+                scope: str) -> tuple[str, str] | None:
+    """The Idempotency-Key's Redis key and the request's body hash (None without a key)."""
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise ApiError(422, "invalid_request",
+                       f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                       "Idempotency-Key")
+    body_hash = hashlib.sha256(canonical_json(requested).encode()).hexdigest()
+    return Keys.idempotency(scope, key), body_hash
+
+
+def admit(store: StoreDep, params: Any, principal: PrincipalDep,
+          idem: tuple[str, str] | None, **extra: Any) -> tuple[JobRecord, bool]:
+    """Create a job of any kind in one Redis step (Idempotency-Key lookup, then MAX_QUEUE
+    and the caller's cap) and read it back; (job, created). Refusals as API errors."""
     retry_after = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
     try:
-        # One Redis step: Idempotency-Key lookup, then MAX_QUEUE and the caller's cap.
         job_id, created = store.create_job(params, owner=principal.owner, idempotency=idem,
-                                           quota_who=principal.who, webhook=webhook)
+                                           quota_who=principal.who, **extra)
     except IdempotencyConflict as e:
         raise ApiError(409, "idempotency_conflict",
                        "this Idempotency-Key was used with a different body") from e
@@ -182,11 +182,24 @@ def submit(body: GenerationRequest, response: Response, principal: PrincipalDep,
         raise not_found()
     if created:
         JOBS_SUBMITTED.inc()
-    else:
+    return job, created
+
+def submit(body: GenerationRequest, response: Response, principal: PrincipalDep,
+           store: StoreDep, settings: SettingsDep,
+           idempotency_key: str | None = None) -> JobCreated:
+    """Admit a generation job (blocking: Redis); the answer without any wait."""
+    requested = body.model_dump()
+    body = _check_limits(body, settings, store)
+    idem = idempotency(idempotency_key, requested, principal.owner or "global")
+    webhook = webhook_for(body, settings)
+    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
+    params = GenerationParams(**{**body.job_fields(), "seed": seed})
+    job, created = admit(store, params, principal, idem, webhook=webhook)
+    if not created:
         response.status_code = status.HTTP_200_OK
-    url = f"{PREFIX}/{job_id}"
+    url = f"{PREFIX}/{job.id}"
     response.headers["Location"] = url
-    return JobCreated(id=job_id, status=job.status.value, created_at=iso(job.created_at) or "",
+    return JobCreated(id=job.id, status=job.status.value, created_at=iso(job.created_at) or "",
                       status_url=url, seed=int(job.params["seed"]))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
 from typing import Annotated, Any
 
@@ -18,27 +17,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from worker.protocol import (
-    IdempotencyConflict,
     JobKind,
     JobRecord,
     JobStatus,
     Keys,
-    QueueFull,
-    QuotaExceeded,
     ScoreParams,
-    canonical_json,
 )
 
 from ..deps import JobIdPath, PrincipalDep, SettingsDep, StoreDep, find_job, rate_limited
 from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
-from ..metrics import JOBS_SUBMITTED
 from ..modelsel import resolve_model
 from ..schemas import JobErrorOut, JobModel
 from .generations import (
     _WAIT_DOC,
-    MAX_IDEMPOTENCY_KEY_CHARS,
-    QUEUE_FULL_RETRY_AFTER_S,
+    admit,
     answer_after_wait,
+    idempotency,
     iso,
 )
 
@@ -200,39 +194,17 @@ def _submit(body: ScoreRequest, response: Response, principal: PrincipalDep,
             idempotency_key: str | None) -> ScoreCreated:
     model = _check(body, settings, store)
     upload = source_image(body, principal, store)
-    idem = None
-    if idempotency_key is not None:
-        if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-            raise ApiError(422, "invalid_request",
-                           f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters",
-                           "Idempotency-Key")
-        body_hash = hashlib.sha256(canonical_json(body.model_dump()).encode()).hexdigest()
-        # Scoped by key and kind: the same key may name a generation and a score.
-        scope = f"{principal.owner or 'global'}:{JobKind.SCORE.value}"
-        idem = (Keys.idempotency(scope, idempotency_key), body_hash)
+    # Scoped by key and kind: the same key may name a generation and a score.
+    idem = idempotency(idempotency_key, body.model_dump(),
+                       f"{principal.owner or 'global'}:{JobKind.SCORE.value}")
     params = ScoreParams(captions=body.captions, class_labels=body.class_labels,
                          tolerance=body.tolerance, model=model)
-    retry_after = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
-    try:
-        job_id, created = store.create_job(params, owner=principal.owner, idempotency=idem,
-                                           quota_who=principal.who, upload=upload)
-    except IdempotencyConflict as e:
-        raise ApiError(409, "idempotency_conflict",
-                       "this Idempotency-Key was used with a different body") from e
-    except QueueFull as e:
-        raise ApiError(429, "queue_full", str(e), headers=retry_after) from e
-    except QuotaExceeded as e:
-        raise ApiError(429, "quota_exceeded", str(e), headers=retry_after) from e
-    job = store.get(job_id)
-    if job is None:
-        raise not_found()
-    if created:
-        JOBS_SUBMITTED.inc()
-    else:
+    job, created = admit(store, params, principal, idem, upload=upload)
+    if not created:
         response.status_code = status.HTTP_200_OK
-    url = f"{PREFIX}/{job_id}"
+    url = f"{PREFIX}/{job.id}"
     response.headers["Location"] = url
-    return ScoreCreated(id=job_id, status=job.status.value,
+    return ScoreCreated(id=job.id, status=job.status.value,
                         created_at=iso(job.created_at) or "", status_url=url)
 
 
