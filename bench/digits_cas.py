@@ -52,9 +52,12 @@ def png_bits_per_dim(images: torch.Tensor) -> float:
     return 8 * len(buf.getvalue()) / images.numel()
 
 
-def prior_bits_per_dim(train: torch.Tensor, test: torch.Tensor) -> float:
-    """Test bits/dim under the counted frequency prior of the training images alone."""
-    lp = count_frequency_prior([train], image_size=8, channels=1).double()  # (64, 256)
+def prior_bits_per_dim(train: torch.Tensor, test: torch.Tensor, smoothing: float = 1.0
+                       ) -> float:
+    """Test bits/dim under the counted frequency prior of the training images alone
+    (smoothing 1: as training starts the model's prior)."""
+    lp = count_frequency_prior([train], image_size=8, channels=1,
+                               smoothing=smoothing).double()  # (64, 256)
     tok = image_tokens(test)  # (N, 64)
     return float(-lp.gather(1, tok.T).T.mean() / math.log(2))
 
@@ -118,6 +121,7 @@ def main() -> None:
     print(f"  model, caption + class label   {model_bits_per_dim(model, test, test_y, True):.4f}")
     print(f"  model, unconditional           {model_bits_per_dim(model, test, test_y, False):.4f}")
     print(f"  frequency prior alone          {prior_bits_per_dim(train, test):.4f}")
+    print(f"    ... smoothing 0.01           {prior_bits_per_dim(train, test, 0.01):.4f}")
     print(f"  PNG, one {GRID_COLUMNS}-column grid       {png_bits_per_dim(test):.4f}")
     real_acc = accuracy(*real)
     print(f"logistic regression, {len(real[1])} real training digits: test accuracy "

@@ -18,7 +18,8 @@ def test_png_and_prior_figures_are_bits_per_sub_pixel() -> None:
     assert 1.0 < real < 8.0
     prior = prior_bits_per_dim(train, test)
     assert 1.0 < prior < real  # the per-pixel model beats PNG on these digits
-    assert prior_bits_per_dim(test, test) < prior  # counted on the same digits, it fits best
+    # Counted on the very digits it scores, a lightly smoothed prior fits them best.
+    assert prior_bits_per_dim(test, test, 0.01) < prior_bits_per_dim(train, test, 0.01)
 
 
 def test_zero_shot_by_captions_reads_held_out_digits() -> None:
