@@ -107,7 +107,7 @@ def _check_limits(body: GenerationRequest, settings: SettingsDep,
         raise ApiError(422, "invalid_request", "negative_prompt is longer than "
                        f"{settings.max_prompt_chars} characters", "negative_prompt")
     if (body.keep_rows is None) != (body.init_image is None):
-        field = "keep_rows" if body.init_image is None else "init_image"
+        field = "init_image" if body.init_image is None else "keep_rows"
         raise ApiError(422, "invalid_request", "init_image and keep_rows go together "
                        f"(completion); {field} is missing", field)
     model = resolve_model(store, body.model)
