@@ -35,6 +35,7 @@ from ..deps import (
     rate_limited,
 )
 from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
+from ..imaging import decode_upload
 from ..metrics import JOBS_SUBMITTED
 from ..modelsel import check_class_label, resolve_model
 from ..schemas import GenerationRequest, JobCreated, JobErrorOut, JobModel, JobView
@@ -44,6 +45,7 @@ from ..webhook_policy import webhook_for, webhook_status
 logger = logging.getLogger(__name__)
 
 PREFIX = "/v1/generations"
+UPLOAD_PATHS = frozenset({PREFIX})  # init_image: body limit PROMPTPIX_MAX_UPLOAD_BYTES
 QUEUE_FULL_RETRY_AFTER_S = 5
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
@@ -80,6 +82,7 @@ def job_view(job: JobRecord, store: StoreDep) -> JobView:
                             if n_images and isinstance(job.result, dict) else None),
         preview_url=f"{PREFIX}/{job.id}/preview.png" if job.has_preview else None,
         error=error, user=job.user, webhook=webhook_status(job),
+        keep_rows=params.get("keep_rows"), has_init_image=bool(params.get("has_init_image")),
     )
 
 
@@ -100,8 +103,20 @@ def _check_limits(body: GenerationRequest, settings: SettingsDep,
                            f"best_of must be {body.num_images}..{top} (num_images to "
                            f"{MAX_BEST_OF_FACTOR}x num_images, at most PROMPTPIX_MAX_IMAGES="
                            f"{settings.max_images}), got {body.best_of}", "best_of")
+    if body.negative_prompt and len(body.negative_prompt) > settings.max_prompt_chars:
+        raise ApiError(422, "invalid_request", "negative_prompt is longer than "
+                       f"{settings.max_prompt_chars} characters", "negative_prompt")
+    if (body.keep_rows is None) != (body.init_image is None):
+        field = "init_image" if body.init_image is None else "keep_rows"
+        raise ApiError(422, "invalid_request", "init_image and keep_rows go together "
+                       f"(completion); {field} is missing", field)
     model = resolve_model(store, body.model)
     check_class_label(model, body.class_label)
+    rows = model.get("image_size")
+    if body.keep_rows is not None and rows and not body.keep_rows < int(rows):
+        raise ApiError(422, "invalid_request", f"keep_rows must be 1..{int(rows) - 1} for "
+                       f"model {model['id']!r} ({rows} rows), got {body.keep_rows}",
+                       "keep_rows")
     return body.model_copy(update={"model": model["id"]})
 
 
@@ -192,9 +207,10 @@ def submit(body: GenerationRequest, response: Response, principal: PrincipalDep,
     body = _check_limits(body, settings, store)
     idem = idempotency(idempotency_key, requested, principal.owner or "global")
     webhook = webhook_for(body, settings)
+    upload = None if body.init_image is None else decode_upload(body.init_image, "init_image")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
     params = GenerationParams(**{**body.job_fields(), "seed": seed})
-    job, created = admit(store, params, principal, idem, webhook=webhook)
+    job, created = admit(store, params, principal, idem, webhook=webhook, upload=upload)
     if not created:
         response.status_code = status.HTTP_200_OK
     url = f"{PREFIX}/{job.id}"
