@@ -132,6 +132,7 @@ export class ScorePanel {
     }
     const run = ++this.run;
     this.sending = true;
+    this.clearResult();
     $("score").setAttribute("aria-busy", "true");
     try {
       const created = await submitScore({ ...this.source, captions });
@@ -149,12 +150,16 @@ export class ScorePanel {
     }
   }
 
-  /** Read the job until it ends, waiting a little longer after each answer. */
-  async follow(id, run) {
+  clearResult() {
+    $("score-status").textContent = "Sending…";
     $("score-bars").replaceChildren();
     $("score-bpd").textContent = "";
     $("surprise").hidden = true;
     $("score-result").hidden = false;
+  }
+
+  /** Read the job until it ends, waiting a little longer after each answer. */
+  async follow(id, run) {
     let delay = POLL_MS.first;
     for (;;) {
       const view = await scoreStatus(id);
