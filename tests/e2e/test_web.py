@@ -7,7 +7,9 @@ submits a prompt from the keyboard and gets its images, downloads one, reproduce
 "same seed again", watches a long job's progress and live preview and cancels it, reloads
 (the history stays), and looks at the page on a phone-width screen. The finished page is
 saved as a screenshot: to the path in PROMPTPIX_SCREENSHOT when set (then with the demo
-model, for the README: `PROMPTPIX_SCREENSHOT=docs/screenshot.png`), else to a temp dir."""
+model, for the README: `PROMPTPIX_SCREENSHOT=docs/screenshot.png`), else to a temp dir.
+Then the Score panel (an upload and a generated image ranked against captions) and
+"continue from row N" on a finished image, each against a service of its own."""
 
 from __future__ import annotations
 
