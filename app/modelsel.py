@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.protocol import JobStore, ModelNotFound, ModelRequired
+from worker.protocol import JobStore, ModelNotFound, ModelRequired, ProtocolError
 
 from .errors import ApiError
+from .store_async import AsyncStore
 
 
 def resolve_model(store: JobStore, requested: str | None, status_required: int = 422,
@@ -16,10 +17,26 @@ def resolve_model(store: JobStore, requested: str | None, status_required: int =
     unknown name. Facts are `{"id": name}` alone for a model declared but never loaded."""
     try:
         return store.resolve_model(requested)
-    except ModelRequired as e:
-        raise ApiError(status_required, "model_required", str(e), "model") from e
-    except ModelNotFound as e:
-        raise ApiError(status_unknown, "model_not_found", str(e), "model") from e
+    except ProtocolError as e:
+        raise _refusal(e, status_required, status_unknown) from e
+
+
+async def resolve_model_async(astore: AsyncStore, requested: str | None,
+                              status_required: int = 422,
+                              status_unknown: int = 404) -> dict[str, Any]:
+    """`resolve_model` on the event loop (`AsyncStore.resolve_model`)."""
+    try:
+        return await astore.resolve_model(requested)
+    except ProtocolError as e:
+        raise _refusal(e, status_required, status_unknown) from e
+
+
+def _refusal(e: ProtocolError, status_required: int, status_unknown: int) -> Exception:
+    if isinstance(e, ModelRequired):
+        return ApiError(status_required, "model_required", str(e), "model")
+    if isinstance(e, ModelNotFound):
+        return ApiError(status_unknown, "model_not_found", str(e), "model")
+    return e
 
 
 def check_class_label(model: dict[str, Any], class_label: int | None) -> None:

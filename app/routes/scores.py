@@ -22,10 +22,18 @@ from worker.protocol import (
     ScoreParams,
 )
 
-from ..deps import JobIdPath, PrincipalDep, SettingsDep, StoreDep, find_job, rate_limited
+from ..deps import (
+    AsyncStoreDep,
+    JobIdPath,
+    PrincipalDep,
+    SettingsDep,
+    StoreDep,
+    find_job,
+    rate_limited,
+)
 from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
 from ..imaging import decode_upload
-from ..modelsel import resolve_model
+from ..modelsel import resolve_model_async
 from ..schemas import JobErrorOut, JobModel
 from . import generations
 from .generations import (
@@ -156,8 +164,8 @@ def source_image(body: ScoreRequest, principal: PrincipalDep, store: StoreDep
     return data, made_by
 
 
-def _check(body: ScoreRequest, settings: SettingsDep, store: StoreDep,
-           default: str | None = None) -> str:
+async def _check(body: ScoreRequest, settings: SettingsDep, astore: AsyncStoreDep,
+                 default: str | None = None) -> str:
     """Check the request against the settings and its model's facts; return the model id
     (resolved as for generations: named, else `default` (the model that made a generated
     image), else PROMPTPIX_DEFAULT_MODEL or the only one)."""
@@ -165,7 +173,7 @@ def _check(body: ScoreRequest, settings: SettingsDep, store: StoreDep,
         if len(caption) > settings.max_prompt_chars:
             raise ApiError(422, "invalid_request", f"caption {n} is longer than "
                            f"{settings.max_prompt_chars} characters", f"captions.{n}")
-    model = resolve_model(store, body.model or default)
+    model = await resolve_model_async(astore, body.model or default)
     if body.class_labels and "num_classes" in model:
         classes = int(model.get("num_classes") or 0)
         bad = [x for x in body.class_labels if x >= classes]
@@ -175,17 +183,17 @@ def _check(body: ScoreRequest, settings: SettingsDep, store: StoreDep,
     return str(model["id"])
 
 
-def _submit(body: ScoreRequest, response: Response, principal: PrincipalDep,
-            store: StoreDep, settings: SettingsDep,
-            idempotency_key: str | None) -> ScoreCreated:
-    upload, made_by = source_image(body, principal, store)
-    model = _check(body, settings, store, made_by)
+async def _submit(body: ScoreRequest, response: Response, principal: PrincipalDep,
+                  store: StoreDep, astore: AsyncStoreDep, settings: SettingsDep,
+                  idempotency_key: str | None) -> ScoreCreated:
+    upload, made_by = await run_in_threadpool(source_image, body, principal, store)
+    model = await _check(body, settings, astore, made_by)
     # Scoped by key and kind: the same key may name a generation and a score.
     idem = idempotency(idempotency_key, body.model_dump(),
                        f"{principal.owner or 'global'}:{JobKind.SCORE.value}")
     params = ScoreParams(captions=body.captions, class_labels=body.class_labels,
                          tolerance=body.tolerance, model=model)
-    job, created = admit(store, params, principal, idem, upload=upload)
+    job, created = await admit(astore, params, principal, idem, upload=upload)
     if not created:
         response.status_code = status.HTTP_200_OK
     url = f"{PREFIX}/{job.id}"
@@ -206,16 +214,17 @@ def _submit(body: ScoreRequest, response: Response, principal: PrincipalDep,
                               "(`unavailable`) or full (`storage_full`); see Retry-After"}})
 async def submit_score(
     body: ScoreRequest, request: Request, response: Response, principal: PrincipalDep,
-    store: StoreDep, settings: SettingsDep,
+    store: StoreDep, astore: AsyncStoreDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     prefer: Annotated[str | None, Header(description=_WAIT_DOC)] = None,
 ) -> Response | ScoreCreated:
     """Queue a score job: the image's exact bits/dim under each caption."""
-    created = await run_in_threadpool(_submit, body, response, principal, store, settings,
-                                      idempotency_key)
+    created = await _submit(body, response, principal, store, astore, settings,
+                            idempotency_key)
     return await answer_after_wait(  # type: ignore[arg-type]
         request, settings, created, response,
-        lambda: score_view(find_job(created.id, principal, store, JobKind.SCORE), store))
+        lambda: run_in_threadpool(
+            lambda: score_view(find_job(created.id, principal, store, JobKind.SCORE), store)))
 
 
 def load_score(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> JobRecord:

@@ -250,7 +250,7 @@ def test_caller_cap_counts_waiting_jobs_only(redis_url: str) -> None:
 
 
 def test_admitted_job_without_queue_entry_is_enqueued_by_the_reaper(store: JobStore) -> None:
-    """The API dying between admission and the RQ write leaves no job behind forever."""
+    """A queued job whose RQ entry went missing is not left behind forever."""
     job_id, _ = store.create_job(params())
     store.r.delete(f"rq:job:{rq_job_id(job_id, 1)}")
     store.r.lrem(store.queue.key, 0, rq_job_id(job_id, 1))

@@ -124,8 +124,9 @@ class LivenessOps(TransitionOps):
         return done + self._reap_never_enqueued(now - grace)
 
     def _reap_never_enqueued(self, before: float) -> list[tuple[str, str]]:
-        """Enqueue admitted jobs whose RQ entry was never written (the API died between
-        admission and enqueue, or undoing a failed enqueue failed too)."""
+        """Enqueue admitted jobs whose RQ entry is missing. Admission writes the entry in
+        its own step (`scripts.ADMIT`), so this is the net for an entry lost otherwise (a
+        job admitted by an API from before that, an entry deleted by hand)."""
         ids = [_s(x) or "" for x in self.r.zrangebyscore(Keys.queued, "-inf", before)]
         if not ids:
             return []
