@@ -15,6 +15,7 @@ from worker.protocol import (
     Keys,
     PayloadError,
     Settings,
+    liveness,
     parse_payload,
     reap_once,
     rq_job_id,
@@ -288,3 +289,20 @@ def test_reaper_and_orphan_sweep_requeue_on_the_job_s_own_model_queue(redis_url:
         job = api.get(job_id)
         assert job is not None and api.queue_position(job) is not None
     assert api.queue_depths() == {"m1": 0, "m2": 2}
+
+
+def test_the_lost_entry_sweep_walks_a_large_backlog_in_bounded_batches(
+        store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each sweep checks at most NEVER_ENQUEUED_BATCH queued jobs, resuming where the last
+    one stopped, so a job deep in a large backlog is still found (in a later sweep)."""
+    monkeypatch.setattr(liveness, "NEVER_ENQUEUED_BATCH", 3)
+    ids = [store.create_job(params(n))[0] for n in range(7)]
+    lost = ids[5]
+    store.r.delete(f"rq:job:{rq_job_id(lost, 1)}")
+    store.r.lrem(store.queue.key, 0, rq_job_id(lost, 1))
+    for n, job_id in enumerate(ids):  # admitted a minute ago, oldest first
+        store.r.zadd(Keys.queued, {job_id: time.time() - 60 + n})
+    found = [store.reap_orphans() for _ in range(3)]  # jobs 0-2, 3-5, then 6
+    assert found == [[], [(lost, "enqueued (admitted, its queue entry never written)")], []]
+    assert store.get(lost).attempt == 2
+    assert store.reap_orphans() == []  # wrapped around: nothing else is lost
