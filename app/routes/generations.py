@@ -38,6 +38,7 @@ from ..deps import (
 )
 from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
 from ..imaging import decode_upload
+from ..jobwatch import request_redis
 from ..metrics import JOBS_SUBMITTED
 from ..modelsel import check_class_label, resolve_model_async
 from ..schemas import GenerationRequest, JobCreated, JobErrorOut, JobModel, JobView
@@ -147,7 +148,7 @@ async def post_generation(
 ) -> Response | JobCreated:
     """Queue a generation job; poll `status_url` for progress and images."""
     created = await submit(body, response, principal, astore, settings, idempotency_key)
-    return await answer_after_wait(request, settings, created, response,
+    return await answer_after_wait(request, created, response,
                                    lambda: status_view(created.id, principal, astore))
 
 
@@ -157,12 +158,12 @@ async def status_view(job_id: str, principal: PrincipalDep, astore: AsyncStoreDe
 
 
 async def answer_after_wait(
-        request: Request, settings: SettingsDep, created: JobCreated, response: Response,
+        request: Request, created: JobCreated, response: Response,
         view: Callable[[], Awaitable[BaseModel]]) -> Response | JobCreated:
     """The submission's answer: with `Prefer: wait=N`, the finished view (200) when the job
     ended in time; otherwise `created` (202, or 200 for a repeated Idempotency-Key)."""
     seconds = prefer_wait(request)
-    if seconds and await wait_until_finished(settings, created.id, seconds):
+    if seconds and await wait_until_finished(request_redis(request), created.id, seconds):
         try:
             finished = await view()
         except ApiError:

@@ -222,7 +222,7 @@ async def submit_score(
     created = await _submit(body, response, principal, store, astore, settings,
                             idempotency_key)
     return await answer_after_wait(  # type: ignore[arg-type]
-        request, settings, created, response,
+        request, created, response,
         lambda: run_in_threadpool(
             lambda: score_view(find_job(created.id, principal, store, JobKind.SCORE), store)))
 
