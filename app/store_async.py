@@ -22,6 +22,7 @@ from worker.protocol import (
     Keys,
     ModelNotFound,
     ModelRequired,
+    NoModelRegistered,
     ScoreParams,
     queue_name,
 )
@@ -73,7 +74,7 @@ class AsyncStore:
         again against the registry as it is now before it is raised."""
         try:
             return resolve_in(await self._models(fresh=False), requested, self.settings)
-        except (ModelRequired, ModelNotFound):
+        except (ModelRequired, ModelNotFound, NoModelRegistered):
             return resolve_in(await self._models(fresh=True), requested, self.settings)
 
     async def create_job(self, params: GenerationParams | ScoreParams,

@@ -143,12 +143,13 @@ def test_live_workers_and_models(store: JobStore) -> None:
 def test_model_registry_names_and_conflicts(redis_url: str) -> None:
     """Issue 17 phase B: models registered for good, checked by checksum, resolved by
     name, alias, default or as the only one."""
-    from worker.protocol import ModelConflict, ModelNotFound, ModelRequired
+    from worker.protocol import ModelConflict, ModelNotFound, ModelRequired, NoModelRegistered
 
     s = Settings(redis_url=redis_url, model_aliases="dall-e-3=a")
     store = JobStore(redis.Redis.from_url(redis_url), s)
-    with pytest.raises(ModelRequired, match="none is registered"):
-        store.resolve_model(None)
+    for requested in (None, "a"):  # nothing known yet: not ready, rather than a bad request
+        with pytest.raises(NoModelRegistered, match="no model is registered yet"):
+            store.resolve_model(requested)
     store.register_model({"id": "a", "checksum": "c1", "num_classes": 0})
     assert store.resolve_model(None)["id"] == "a"  # the only one
     store.register_model({"id": "a", "checksum": "c1", "num_classes": 3})  # same weights

@@ -22,6 +22,12 @@ class ModelRequired(ProtocolError):
     """A request names no model, and there is no default nor a single registered one."""
 
 
+class NoModelRegistered(ProtocolError):
+    """No model is registered nor declared yet: the service is not ready (no worker has
+    started, or a Redis restart without persistence lost the registry until the workers'
+    next heartbeat registers them again). Temporary, unlike `ModelRequired`."""
+
+
 class ModelNotFound(ProtocolError):
     """A request names a model that is neither registered nor declared."""
 
@@ -73,15 +79,16 @@ def resolve_in(known: dict[str, dict[str, Any]], requested: str | None,
 
     `requested` may be an alias (PROMPTPIX_MODEL_ALIASES); None means
     PROMPTPIX_DEFAULT_MODEL, else the only known model. Raises `ModelRequired` or
-    `ModelNotFound` naming the known models.
+    `ModelNotFound` naming the known models, `NoModelRegistered` when none is known.
     """
+    if not known:
+        raise NoModelRegistered("no model is registered yet (start a worker, or set "
+                                "PROMPTPIX_MODELS); retry later")
     if requested is None:
         name = settings.default_model
         if name is None:
             if len(known) != 1:
-                raise ModelRequired(
-                    "name a model: " + (", ".join(sorted(known)) or "none is registered "
-                                        "yet (start a worker or set PROMPTPIX_MODELS)"))
+                raise ModelRequired("name a model: " + ", ".join(sorted(known)))
             name = next(iter(known))
     else:
         name = settings.alias_map.get(requested, requested)
