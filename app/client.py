@@ -2,6 +2,7 @@
 
     promptpix submit "a red circle" --num-images 4 --seed 1 --wait --out ./out \\
         --url http://127.0.0.1:8000
+    promptpix submit "a red circle" --init-image top.png --keep-rows 6 --wait  # completion
 
 The server's URL and API key come from --url / --api-key or PROMPTPIX_URL /
 PROMPTPIX_API_KEY. Without --wait it prints the new job (JSON) and returns at once. With
@@ -13,6 +14,7 @@ server's own message. Ctrl-C while waiting cancels the job.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -49,14 +51,24 @@ def error_message(resp: httpx.Response) -> str:
     return text
 
 
+def image_b64(path: Path) -> str:
+    """An image file as the base64 text the upload fields take (the server checks it)."""
+    try:
+        return base64.b64encode(path.read_bytes()).decode()
+    except OSError as e:
+        raise ClientError(f"cannot read {path}: {e}") from e
+
+
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
     """The POST /v1/generations body: only what the user set, so the server's defaults hold."""
     body: dict[str, Any] = {"prompt": args.prompt, "num_images": args.num_images}
     for field in ("model", "temperature", "top_k", "top_p", "guidance_scale", "seed",
-                  "class_label"):
+                  "class_label", "keep_rows", "negative_prompt", "best_of"):
         value = getattr(args, field)
         if value is not None:
             body[field] = value
+    if args.init_image is not None:
+        body["init_image"] = image_b64(args.init_image)
     return body
 
 
@@ -184,6 +196,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--guidance-scale", "--guidance", type=float,
                    help="classifier-free guidance (>= 1; default: the model's)")
     p.add_argument("--class-label", type=int, help="class id, for class-conditional models")
+    p.add_argument("--negative-prompt", help="guidance steers away from this text")
+    p.add_argument("--best-of", type=int,
+                   help="sample this many (up to 4x --num-images), keep the most probable")
+    p.add_argument("--init-image", type=Path,
+                   help="completion: PNG/JPEG/WebP whose top --keep-rows rows are kept")
+    p.add_argument("--keep-rows", type=int, help="rows of --init-image to keep (1..rows-1)")
     p.add_argument("--wait", action="store_true", help="follow the job and save its PNGs")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for the PNGs (default .)")
     p.add_argument("--url", default=os.environ.get("PROMPTPIX_URL", DEFAULT_URL),

@@ -1,8 +1,8 @@
-"""FastAPI dependencies: the store, settings, API-key auth, rate limit and job lookup.
+"""FastAPI dependencies: the stores, settings, API-key auth, rate limit and job lookup.
 
-Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in
-the thread pool, and a thread hop per dependency was most of a status GET's cost. Those
-that talk to Redis (blocking client) stay `def` or hop explicitly.
+Every dependency is `async def`: FastAPI runs a plain `def` dependency in the thread
+pool, and a thread hop per dependency was most of a status GET's cost. Those that talk
+to Redis use the app's `redis.asyncio` client (the counters, `AsyncStore`).
 """
 
 from __future__ import annotations
@@ -14,17 +14,19 @@ import re
 from dataclasses import dataclass
 from typing import Annotated
 
+import redis.asyncio as aioredis
 from fastapi import Depends, Path, Request
-from starlette.concurrency import run_in_threadpool
 
 from worker.protocol import JobKind, JobRecord, JobStore, Settings
 
 from .errors import ApiError, not_found
 from .ratelimit import WindowCounter
+from .store_async import AsyncStore
 
 logger = logging.getLogger(__name__)
 
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 _BEARER = re.compile(r"^Bearer[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
 
 
@@ -38,7 +40,13 @@ async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
+async def get_async_store(request: Request) -> AsyncStore:
+    """The process's asyncio store (made at start-up by `create_app`'s lifespan)."""
+    return request.app.state.astore  # type: ignore[no-any-return]
+
+
 StoreDep = Annotated[JobStore, Depends(get_store)]
+AsyncStoreDep = Annotated[AsyncStore, Depends(get_async_store)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
@@ -50,8 +58,8 @@ class Limiters:
     auth_failures: WindowCounter
 
     @classmethod
-    def for_store(cls, store: JobStore) -> Limiters:
-        return cls(WindowCounter(store.r, "rate"), WindowCounter(store.r, "authfail"))
+    def over(cls, connection: aioredis.Redis) -> Limiters:
+        return cls(WindowCounter(connection, "rate"), WindowCounter(connection, "authfail"))
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,8 @@ def check_api_key(request: Request, settings: Settings) -> Principal:
     return Principal(owner=owner, who=f"key:{owner}")
 
 
-def count_auth_failure(request: Request, settings: Settings, refusal: ApiError) -> ApiError:
+async def count_auth_failure(request: Request, settings: Settings,
+                             refusal: ApiError) -> ApiError:
     """Count a failed authentication against the caller's address (reads Redis).
 
     Returns the error to answer: the 401 as given, or 429 `auth_rate_limited` once the
@@ -105,7 +114,7 @@ def count_auth_failure(request: Request, settings: Settings, refusal: ApiError) 
         return refusal
     limiters: Limiters = request.app.state.limiters
     address = client_address(request)
-    wait = limiters.auth_failures.hit(f"ip:{address}", limit)
+    wait = await limiters.auth_failures.hit(f"ip:{address}", limit)
     if wait is None:
         return refusal
     logger.warning("over %d failed authentications a minute from %s", limit, address)
@@ -114,20 +123,12 @@ def count_auth_failure(request: Request, settings: Settings, refusal: ApiError) 
                     f"retry in {wait} s", headers={"Retry-After": str(wait)})
 
 
-def authenticate(request: Request, settings: Settings) -> Principal:
-    """`check_api_key`, counting failures (blocking: call from a thread or a `def` route)."""
+async def authenticated(request: Request, settings: SettingsDep) -> Principal:
+    """Dependency: the caller of a `/v1` route (`check_api_key`, counting failures)."""
     try:
         return check_api_key(request, settings)
     except ApiError as e:
-        raise count_auth_failure(request, settings, e) from None
-
-
-async def authenticated(request: Request, settings: SettingsDep) -> Principal:
-    """Dependency: the caller of a `/v1` route."""
-    try:
-        return check_api_key(request, settings)  # no I/O: stays on the event loop
-    except ApiError as e:
-        raise await run_in_threadpool(count_auth_failure, request, settings, e) from None
+        raise await count_auth_failure(request, settings, e) from None
 
 
 async def rate_limited(principal: Annotated[Principal, Depends(authenticated)],
@@ -135,7 +136,7 @@ async def rate_limited(principal: Annotated[Principal, Depends(authenticated)],
     """Dependency: the caller, after counting this request against `PROMPTPIX_RATE_LIMIT`."""
     if settings.rate_limit > 0:
         limiters: Limiters = request.app.state.limiters
-        wait = await run_in_threadpool(limiters.requests.hit, principal.who, settings.rate_limit)
+        wait = await limiters.requests.hit(principal.who, settings.rate_limit)
         if wait is not None:
             raise ApiError(429, "rate_limited",
                            f"over {settings.rate_limit} requests a minute; retry in {wait} s",
@@ -147,17 +148,32 @@ PrincipalDep = Annotated[Principal, Depends(rate_limited)]
 JobIdPath = Annotated[str, Path(description="job id (32 hex digits)")]
 
 
-def find_job(job_id: str, principal: Principal, store: JobStore,
-             kind: JobKind = JobKind.GENERATE) -> JobRecord:
-    """The job hash, or 404 when unknown, expired, another key's or of another kind than
-    the route's (reads Redis)."""
-    if not re.match(JOB_ID_PATTERN, job_id):
-        raise not_found()
-    job = store.get(job_id)
+def owned_job(job: JobRecord | None, principal: Principal,
+              kind: JobKind = JobKind.GENERATE) -> JobRecord:
+    """The job, or 404 when unknown, expired, another key's or of another kind than the
+    route's."""
     if (job is None or not hmac.compare_digest(job.owner, principal.owner)
             or job.kind is not kind):
         raise not_found()
     return job
+
+
+def find_job(job_id: str, principal: Principal, store: JobStore,
+             kind: JobKind = JobKind.GENERATE) -> JobRecord:
+    """`owned_job` of a job id (reads Redis; blocking)."""
+    if not _JOB_ID.match(job_id):
+        raise not_found()
+    return owned_job(store.get(job_id), principal, kind)
+
+
+async def job_status(job_id: str, principal: Principal, astore: AsyncStore,
+                     kind: JobKind = JobKind.GENERATE) -> tuple[JobRecord, int | None]:
+    """`owned_job` of a job id and its queue position (`AsyncStore.status`: one round
+    trip)."""
+    if not _JOB_ID.match(job_id):
+        raise not_found()
+    job, position = await astore.status(job_id)
+    return owned_job(job, principal, kind), position
 
 
 def load_job(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> JobRecord:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import re
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .errors import ApiError
+
 MAX_SIDE_PX = 2048  # the largest enlargement served (1024x1024 is what tools send most)
+# Magic numbers of the accepted upload formats (WebP: RIFF....WEBP, checked apart).
+_FORMATS = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
 
@@ -74,3 +80,21 @@ def partial_png(preview: bytes, index: int, image_size: int, scale: int) -> byte
     if scale > 1:
         tile = tile.resize((image_size * scale, image_size * scale), Image.Resampling.NEAREST)
     return _save(tile, {})
+
+
+def decode_upload(text: str, field: str = "image") -> bytes:
+    """The image bytes of a base64 upload (a `data:` URL prefix allowed); 422 naming
+    `field` unless it is PNG, JPEG or WebP. The worker decodes and prepares it."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(422, "invalid_request", f"{field} is not valid base64: {e}",
+                       field) from e
+    if not (any(data.startswith(magic) for magic, _ in _FORMATS)
+            or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")):
+        raise ApiError(422, "invalid_request",
+                       f"{field} is not a PNG, JPEG or WebP file (starts with {data[:8]!r})",
+                       field)
+    return data

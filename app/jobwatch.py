@@ -15,7 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 
-from worker.protocol import JobRecord, JobStatus, Keys, Settings
+from worker.protocol import JobRecord, JobStatus, Keys, Settings, async_redis_connection
 from worker.protocol.schema import KEY_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ def async_redis(app: FastAPI) -> aioredis.Redis:
     client = getattr(app.state, "aredis", None)
     if client is None:
         settings: Settings = app.state.settings
-        client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0,
-                                         socket_timeout=5.0, health_check_interval=30)
+        client = async_redis_connection(settings)
         app.state.aredis = client
     return client  # type: ignore[no-any-return]
 

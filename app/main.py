@@ -17,9 +17,8 @@ from worker.protocol import JobStore, Settings, get_settings, redis_connection, 
 
 from .deps import Limiters
 from .errors import install_error_handlers
-from .jobwatch import close_async_redis
-from .metrics import MetricsMiddleware
-from .middleware import BodyLimitMiddleware, HostCheckMiddleware, SecurityHeadersMiddleware
+from .jobwatch import async_redis, close_async_redis
+from .middleware import EdgeMiddleware
 from .routes import (
     docs,
     events,
@@ -31,6 +30,7 @@ from .routes import (
     service,
     web,
 )
+from .store_async import AsyncStore
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One asyncio client (one pool) for the app's life: the hot path's reads,
+        # admissions and counters, and the routes that watch jobs.
+        aredis = async_redis(app)
+        app.state.astore = AsyncStore(aredis, store)
+        app.state.limiters = Limiters.over(aredis)
         reaper = start_reaper(store)
         logger.info("API up: Redis %s, keys %s", settings.redis_url_safe,
                     "on" if settings.api_key_list else "off")
@@ -59,7 +64,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.store = store
-    app.state.limiters = Limiters.for_store(store)
     install_error_handlers(app)
     app.include_router(generations.router)
     app.include_router(listing.router)
@@ -74,11 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     if (assets := docs.swagger_assets()) is not None:
         app.mount(docs.ASSETS_PREFIX, StaticFiles(directory=assets), name="swagger-ui")
-    # Added last = outermost: the body limit sees the request before anything reads it;
-    # the Host check refuses before that, and every answer (refusals too) gets the headers.
-    app.add_middleware(MetricsMiddleware)
-    app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes,
-                       upload_paths=scores.UPLOAD_PATHS)
-    app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
-    app.add_middleware(SecurityHeadersMiddleware)
+    # Outermost: it sees the request before anything reads it, and every answer leaves
+    # through it (refusals too).
+    app.add_middleware(EdgeMiddleware, allowed_hosts=settings.allowed_hosts,
+                       upload_limit=settings.max_upload_bytes, upload_paths=scores.UPLOAD_PATHS)
     return app

@@ -1,4 +1,5 @@
-"""API metrics (`promptpix_` prefix, base units) and the middleware that records them.
+"""API metrics (`promptpix_` prefix, base units); `middleware.EdgeMiddleware` records the
+HTTP ones.
 
 With several uvicorn processes `app.serve` sets `PROMETHEUS_MULTIPROC_DIR` before any
 process imports prometheus_client, and `/metrics` merges every process's files. Queue
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterator
 
 import redis
@@ -23,7 +23,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.protocol import JobStore
 
@@ -73,32 +72,3 @@ def render_metrics(store: JobStore) -> bytes:
     extra = CollectorRegistry(auto_describe=False)
     extra.register(ServiceCollector(store))
     return base + generate_latest(extra)
-
-
-class MetricsMiddleware:
-    """Count and time every HTTP request by route template (never by raw path)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or (
-                "/static" if scope.get("path", "").startswith("/static/") else "unmatched")
-            HTTP_REQUESTS.labels(scope["method"], path, str(status)).inc()
-            HTTP_DURATION.labels(path).observe(time.perf_counter() - start)

@@ -13,6 +13,7 @@ import math
 import time
 
 import redis
+import redis.asyncio as aioredis
 
 from worker.protocol.schema import KEY_PREFIX
 
@@ -29,13 +30,14 @@ def window_key(kind: str, who: str, window: int) -> str:
 class WindowCounter:
     """Counts events per `who` in one-minute windows (`kind` names the counter family)."""
 
-    def __init__(self, connection: redis.Redis, kind: str) -> None:
+    def __init__(self, connection: aioredis.Redis, kind: str) -> None:
         self.r = connection
         self.kind = kind
         self._failing = False
 
-    def hit(self, who: str, limit: int, now: float | None = None) -> int | None:
-        """Count one event; seconds to wait when the window's count is over `limit`.
+    async def hit(self, who: str, limit: int, now: float | None = None) -> int | None:
+        """Count one event (one round trip); seconds to wait when the window's count is
+        over `limit`.
 
         None (not limited) also when Redis cannot count it: logged once per outage.
         """
@@ -43,10 +45,10 @@ class WindowCounter:
         window = int(now // WINDOW_S)
         key = window_key(self.kind, who, window)
         try:
-            with self.r.pipeline(transaction=False) as pipe:
+            async with self.r.pipeline(transaction=False) as pipe:
                 pipe.incr(key)
                 pipe.expire(key, WINDOW_S + 1)
-                count, _ = pipe.execute()
+                count, _ = await pipe.execute()
         except redis.RedisError as e:
             if not self._failing:
                 logger.warning("%s counter off while Redis refuses it (%s): failing open",

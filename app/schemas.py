@@ -35,10 +35,17 @@ class GenerationRequest(SamplingParams):
     webhook_events_filter: list[Literal["start", "progress", "completed"]] | None = Field(
         None, min_length=1, description="events to send (default: all three); progress at "
                                         "most once a second")
+    init_image: str | None = Field(
+        None, min_length=1,
+        description="completion: base64 PNG, JPEG or WebP (resized and centre-cropped to the "
+                    "model's size as training data is) whose top `keep_rows` rows every "
+                    "image keeps; stored beside the job, never echoed")
 
     def job_fields(self) -> dict[str, object]:
-        """The fields stored as the job's parameters (the webhook is kept beside them)."""
-        return self.model_dump(exclude={"webhook", "webhook_events_filter"})
+        """The fields stored as the job's parameters (the webhook and the init image are
+        kept beside them; `has_init_image` says whether there is one)."""
+        return {**self.model_dump(exclude={"webhook", "webhook_events_filter", "init_image"}),
+                "has_init_image": self.init_image is not None}
 
 
 class JobCreated(BaseModel):
@@ -91,7 +98,10 @@ class JobView(BaseModel):
     finished_at: str | None
     images: list[str]
     image_bits_per_dim: list[float] | None = Field(
-        None, description="each image's exact bits/dim under its prompt (when succeeded)")
+        None, description="each image's exact bits/dim under its prompt (when succeeded; "
+                          "a completion's counts the whole image, kept rows included)")
+    keep_rows: int | None = Field(None, description="completion: the init image's rows kept")
+    has_init_image: bool = Field(False, description="the job was submitted with init_image")
     preview_url: str | None
     error: JobErrorOut | None
     user: str | None = Field(None, description="the `user` label of an OpenAI-API request")

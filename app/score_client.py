@@ -11,7 +11,6 @@ bits/dim. Exits 1 with the server's message on a refusal or a failed job.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import sys
@@ -19,7 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .client import DEFAULT_URL, POLL_INTERVAL_S, TERMINAL, ClientError, Session, checked_job_id
+from .client import (
+    DEFAULT_URL,
+    POLL_INTERVAL_S,
+    TERMINAL,
+    ClientError,
+    Session,
+    checked_job_id,
+    image_b64,
+)
 
 WAIT_S = 60  # Prefer: wait=60: a quick score comes back in the submission's answer
 
@@ -67,11 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(session: Session, args: argparse.Namespace) -> dict[str, Any]:
     """Submit the score job and follow it to its end; returns the finished view."""
-    try:
-        data = args.image.read_bytes()
-    except OSError as e:
-        raise ClientError(f"cannot read {args.image}: {e}") from e
-    body: dict[str, Any] = {"image": base64.b64encode(data).decode(), "captions": args.caption}
+    body: dict[str, Any] = {"image": image_b64(args.image), "captions": args.caption}
     for field in ("tolerance", "model"):
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)

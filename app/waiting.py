@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import Request
 
-from worker.protocol import JobStatus, Keys, Settings
+from worker.protocol import JobStatus, Keys
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,13 @@ def prefer_wait(request: Request) -> int:
     return best
 
 
-async def wait_until_finished(settings: Settings, job_id: str, seconds: float) -> bool:
-    """Whether the job reached a final state within `seconds` (reads its status field).
+async def wait_until_finished(client: aioredis.Redis, job_id: str, seconds: float) -> bool:
+    """Whether the job reached a final state within `seconds` (reads its status field over
+    the app's shared asyncio client).
 
     A Redis error ends the wait early (the caller answers 202 as without waiting)."""
     deadline = time.monotonic() + seconds
     pause = POLL_FIRST_S
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0,
-                                     socket_timeout=5.0)
     try:
         while True:
             status = await client.hget(Keys.job(job_id), "status")
@@ -55,5 +54,3 @@ async def wait_until_finished(settings: Settings, job_id: str, seconds: float) -
     except redis.RedisError as e:
         logger.warning("job %s: stopped waiting (Redis: %s)", job_id, e)
         return False
-    finally:
-        await client.aclose()

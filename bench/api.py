@@ -1,10 +1,17 @@
-"""API throughput and finish-to-visible delay against a local server (real Redis, uvicorn).
+"""API throughput against a bare FastAPI + Redis app, side by side, and finish-to-visible.
 
-    python bench/api.py [--seconds 5] [--concurrency 16] [--workers 1] [--checkpoint PATH]
+    python bench/api.py [--seconds 5] [--concurrency 16] [--rounds 3] [--checkpoint PATH]
 
-Prints status GETs/s, POSTs/s and the delay between a worker recording a job finished
-and the API reporting it, then appends the figures to docs/benchmarks.md (--no-write to
-skip). Without --checkpoint a tiny model is trained in a temp folder for the worker.
+Starts one Redis, promptpix's API (one uvicorn process, rate limit and caller cap off) and
+the bare app of `bench/api_bare.py` (its ceiling: FastAPI, uvicorn, the same Redis work),
+then, `--rounds` times, drives each with the same load one after the other: status GETs of
+a queued job, then POSTs of a generation. Each round gives promptpix/bare ratios (GET and
+POST); the medians are the figures, absolute rates only describe this machine's state.
+The load comes from `wrk -t1` when installed (Debian's `wrk`), else a minimal asyncio
+client. Then a worker runs jobs for the delay between the worker recording a job finished
+and the API showing it. Appends the figures, with the machine's load and copy bandwidth,
+to docs/benchmarks.md (--no-write to skip). Without --checkpoint a tiny model is trained
+in a temp folder for the worker.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ import importlib.util
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,13 +38,18 @@ sys.path.insert(0, str(ROOT))
 
 from app.redis_server import RedisServer, free_port  # noqa: E402
 from tests.worker.helpers import (  # noqa: E402
+    Proc,
+    base_env,
     make_tiny_checkpoint,
     start_api,
     start_worker,
+    wait_for,
     wait_worker_ready,
 )
+from worker.protocol import Settings  # noqa: E402
 
 BODY = {"prompt": "a red square", "num_images": 1, "seed": 1}
+MODEL = "tiny"  # the worker's checkpoint is tiny.pth; declared so POSTs resolve without it
 
 
 def _request(method: str, path: str, port: int) -> bytes:
@@ -81,8 +96,26 @@ async def hammer(port: int, seconds: float, concurrency: int, method: str, path:
     await asyncio.gather(*(loop() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     if errors:
-        print(f"  ({errors} non-2xx answers)")
+        raise RuntimeError(f"{errors} non-2xx answers to {method} {path}")
     return count / elapsed
+
+
+def wrk(port: int, seconds: float, concurrency: int, method: str, path: str) -> float:
+    """Requests per second from `wrk -t1` (every answer must be 2xx)."""
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(f"wrk.method = {json.dumps(method)}\n"
+                      + (f"wrk.body = {json.dumps(json.dumps(BODY))}\n"
+                         'wrk.headers["Content-Type"] = "application/json"\n'
+                         if method == "POST" else ""))
+    try:
+        out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-s",
+                              str(script), f"http://127.0.0.1:{port}{path}"],
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        script.unlink()
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors on {method} {path}:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -105,8 +138,31 @@ def measure(pid: int, port: int, seconds: float, concurrency: int, method: str,
             path: str) -> tuple[float, float]:
     """(requests/s, cores the server used meanwhile)."""
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
-    rate = asyncio.run(hammer(port, seconds, concurrency, method, path))
+    if shutil.which("wrk"):
+        rate = wrk(port, seconds, concurrency, method, path)
+    else:
+        rate = asyncio.run(hammer(port, seconds, concurrency, method, path))
     return rate, (cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
+
+
+def copy_bandwidth_gb_s(mib: int = 256) -> float:
+    """GB/s of one in-memory copy of `mib` MiB (the machine's state, beside its load)."""
+    src, dst = bytearray(b"x" * (mib << 20)), bytearray(mib << 20)
+    best = 0.0
+    for _ in range(4):  # the first pass also faults dst's pages in
+        t0 = time.perf_counter()
+        dst[:] = src
+        best = max(best, len(src) / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def start_bare(redis_url: str, port: int, log: Path) -> Proc:
+    """`bench/api_bare.py` under uvicorn, as `promptpix serve` runs the API (one process)."""
+    proc = Proc([sys.executable, "-m", "uvicorn", "bench.api_bare:create_app", "--factory",
+                 "--port", str(port), "--log-level", "warning", "--no-access-log"],
+                base_env(redis_url, BARE_REDIS_URL=redis_url), log)
+    wait_for(lambda: _up(port, "/docs"), 30, "the bare app")
+    return proc
 
 
 def finish_to_visible(base: str, jobs: int) -> list[float]:
@@ -131,39 +187,48 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--workers", type=int, default=1, help="uvicorn processes")
+    p.add_argument("--rounds", type=int, default=3, help="side-by-side repetitions")
     p.add_argument("--jobs", type=int, default=20, help="jobs for the finish-to-visible delay")
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="promptpix-bench-"))
-    checkpoint = args.checkpoint or make_tiny_checkpoint(tmp / "tiny.pth")
-    env = {"PROMPTPIX_RATE_LIMIT": "0", "PROMPTPIX_MAX_QUEUE": "1000000"}
+    checkpoint = args.checkpoint or make_tiny_checkpoint(tmp / f"{MODEL}.pth")
+    # The reaper at its default pace (start_api's is the tests' fast one): its sweep of
+    # queued jobs grows with the backlog the POSTs leave.
+    env = {"PROMPTPIX_RATE_LIMIT": "0", "PROMPTPIX_MAX_QUEUE": "100000000",
+           "PROMPTPIX_MAX_QUEUED_PER_KEY": "0", "PROMPTPIX_MODELS": checkpoint.stem,
+           "PROMPTPIX_REAPER_INTERVAL": str(Settings.model_fields["reaper_interval"].default)}
+    load0, bandwidth = os.getloadavg()[0], copy_bandwidth_gb_s()
+    print(f"load average {load0:.1f}, copy bandwidth {bandwidth:.1f} GB/s, client "
+          f"{'wrk' if shutil.which('wrk') else 'asyncio'}")
+    rounds: list[dict[str, float]] = []
     with RedisServer() as rs:
-        port = free_port()
+        port, bare_port = free_port(), free_port()
         api = start_api(rs.url, port, tmp / "api.log", **env)
-        if args.workers > 1:
-            api.stop()
-            from tests.worker.helpers import Proc, base_env, wait_for
-
-            api = Proc([sys.executable, "-m", "app.serve", "--port", str(port), "--workers",
-                        str(args.workers), "--log-level", "warning", "--no-access-log"],
-                       base_env(rs.url, **env), tmp / "api.log")
-            wait_for(lambda: _up(port), 30, "API")
+        bare = start_bare(rs.url, bare_port, tmp / "bare.log")
         base = f"http://127.0.0.1:{port}"
         try:
             job_id = httpx.post(f"{base}/v1/generations", json=BODY).json()["id"]
-            pid = api.proc.pid
-            gets, get_cores = measure(pid, port, args.seconds, args.concurrency, "GET",
-                                      f"/v1/generations/{job_id}")
-            print(f"status GETs/s: {gets:.0f} (server used {get_cores:.2f} cores)")
-            posts, post_cores = measure(pid, port, args.seconds, args.concurrency, "POST",
-                                        "/v1/generations")
-            print(f"POSTs/s:       {posts:.0f} (server used {post_cores:.2f} cores)")
+            path = f"/v1/generations/{job_id}"
+            for n in range(args.rounds):
+                row: dict[str, float] = {}
+                for method, url in (("GET", path), ("POST", "/v1/generations")):
+                    for name, proc, p_ in (("promptpix", api, port), ("bare", bare, bare_port)):
+                        rate, cores = measure(proc.proc.pid, p_, args.seconds,
+                                              args.concurrency, method, url)
+                        row[f"{name} {method}"], row[f"{name} {method} cores"] = rate, cores
+                    row[f"{method} ratio"] = row[f"promptpix {method}"] / row[f"bare {method}"]
+                print(f"round {n + 1}: GET {row['promptpix GET']:.0f}/s vs bare "
+                      f"{row['bare GET']:.0f}/s = {row['GET ratio']:.2f}x; POST "
+                      f"{row['promptpix POST']:.0f}/s vs bare {row['bare POST']:.0f}/s = "
+                      f"{row['POST ratio']:.2f}x")
+                rounds.append(row)
+            bare.stop()
             import redis
 
-            redis.Redis.from_url(rs.url).delete("rq:queue:generate")  # drop the backlog
+            redis.Redis.from_url(rs.url).flushall()  # the backlog, so the worker starts idle
             worker = start_worker(rs.url, checkpoint, tmp / "worker.log")
             try:
                 wait_worker_ready(rs.url, worker)
@@ -174,38 +239,58 @@ def main(argv: list[str] | None = None) -> int:
             print(f"finish-to-visible: median {med:.1f} ms, max {worst:.1f} ms "
                   f"over {len(delays)} jobs")
         finally:
+            bare.stop()
             api.stop()
+    summary = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    print(f"median of {len(rounds)} rounds: GET {summary['GET ratio']:.2f}x of bare, "
+          f"POST {summary['POST ratio']:.2f}x of bare")
     if not args.no_write:
-        write_results(args, (gets, get_cores), (posts, post_cores), med, worst, len(delays))
+        write_results(args, rounds, summary, (load0, os.getloadavg()[0], bandwidth),
+                      med, worst, len(delays))
     return 0
 
 
-def _up(port: int) -> bool:
+def _up(port: int, path: str = "/healthz") -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def write_results(args: argparse.Namespace, gets: tuple[float, float],
-                  posts: tuple[float, float], med: float, worst: float, n: int) -> None:
+def write_results(args: argparse.Namespace, rounds: list[dict[str, float]],
+                  summary: dict[str, float], machine_state: tuple[float, float, float],
+                  med: float, worst: float, n: int) -> None:
     """Replace the API section of docs/benchmarks.md (or append one)."""
     cmd = "python bench/api.py " + " ".join(sys.argv[1:])
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python "
-               f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the end")
+    load0, load1, bandwidth = machine_state
     parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    text = f"""## API throughput (`bench/api.py`, {time.strftime('%Y-%m-%d')})
+    client = "`wrk -t1`" if shutil.which("wrk") else "a minimal asyncio HTTP/1.1 client"
+    lines = "\n".join(
+        f"| {i + 1} | {r['promptpix GET']:.0f} / {r['bare GET']:.0f} | **{r['GET ratio']:.2f}x** "
+        f"| {r['promptpix POST']:.0f} / {r['bare POST']:.0f} | **{r['POST ratio']:.2f}x** |"
+        for i, r in enumerate(rounds))
+    text = f"""## API throughput against a bare app (`bench/api.py`, {time.strftime('%Y-%m-%d')})
 
-Command: `{cmd.strip()}`; machine: {machine}; client and server on the same cores;
-{args.concurrency} concurrent keep-alive connections from a minimal asyncio HTTP/1.1
-client, {args.workers} uvicorn process(es), {parser}, rate limit off, the polled job queued
-(so each GET also reads its queue position).
+Command: `{cmd.strip()}`; machine: {platform.machine()}, {os.cpu_count()} cores, Python
+{platform.python_version()}, {parser}; load average {load0:.1f} at the start, {load1:.1f} at
+the end; one in-memory copy at {bandwidth:.1f} GB/s. Client: {client},
+{args.concurrency} keep-alive connections, {args.seconds:g} s per figure, client and
+servers on the same cores. promptpix runs one uvicorn process (rate limit and per-caller
+cap off); the bare app (`bench/api_bare.py`) is FastAPI + `redis.asyncio` doing the same
+Redis work and nothing else (GET: HGETALL of the same job hash; POST: job hash + RQ entry
+in one MULTI). Each round measures the two apps one after the other, so a ratio compares
+them under the same load; absolute rates only describe the machine at that moment.
 
-| figure | result | server CPU | target |
-|---|---|---|---|
-| status GETs/s | {gets[0]:.0f} | {gets[1]:.2f} cores | >= 1000 |
-| POSTs/s (validate + enqueue) | {posts[0]:.0f} | {posts[1]:.2f} cores | >= 300 |
-| finish-to-visible delay | median {med:.1f} ms, max {worst:.1f} ms ({n} jobs) | | < 50 ms |
+| round | status GET/s promptpix / bare | GET ratio | POST/s promptpix / bare | POST ratio |
+|---|---:|---:|---:|---:|
+{lines}
+
+Median of {len(rounds)} rounds: **status GET {summary['GET ratio']:.2f}x** the bare app (goal
+>= 0.6x), **POST {summary['POST ratio']:.2f}x** (goal >= 0.5x). Server CPU (median): promptpix
+{summary['promptpix GET cores']:.2f} / bare {summary['bare GET cores']:.2f} cores on GET,
+{summary['promptpix POST cores']:.2f} / {summary['bare POST cores']:.2f} on POST.
+Finish-to-visible (a worker records a job finished -> a GET shows it): median {med:.1f} ms,
+max {worst:.1f} ms over {n} jobs (goal < 50 ms).
 """
     path = ROOT / "docs" / "benchmarks.md"
     doc = path.read_text(encoding="utf-8")

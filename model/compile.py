@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .network import PromptPix
-from .sampling import DecodeState, RowParams, _Rows, decode_step, row_params
+from .sampling import DecodeState, RowParams, _Rows, decode_step, row_params, twin_texts
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ class _Slot:
             cond=z(B, D, device=dev, dtype=cond_dtype), text=text,
             caches=model.new_caches(B, kv_dtype), rp=rp, u=z(Nb, T, device=dev),
             tokens=z(Nb, T, device=dev, dtype=torch.long),
-            bits=z(Nb, device=dev, dtype=torch.float64), pos=z(1, device=dev, dtype=torch.long))
+            bits=z(Nb, device=dev, dtype=torch.float64),
+            prefix=z(Nb, T, device=dev, dtype=torch.long),
+            forced=z(Nb, device=dev, dtype=torch.long), pos=z(1, device=dev, dtype=torch.long))
         for t in self.state.buffers():
             torch._dynamo.mark_static_address(t)
 
@@ -101,6 +103,8 @@ class _Slot:
         s.tokens.zero_()
         s.bits.zero_()
         s.u.copy_(rows.u)
+        s.prefix.copy_(rows.prefix)
+        s.forced.copy_(torch.tensor(rows.forced))
         for mine, theirs in ((s.rp.temperature, rp.temperature), (s.rp.top_k, rp.top_k),
                              (s.rp.top_p, rp.top_p), (s.rp.gscale, rp.gscale)):
             mine.copy_(theirs)
@@ -136,11 +140,14 @@ class StaticDecoder:
                        None if rows.labels is None else rows.labels + [-1] * pad,
                        torch.cat([rows.u, torch.full((pad, rows.u.shape[1]), 0.5)]),
                        rows.temperature + [1.0] * pad, rows.top_k + [0] * pad,
-                       rows.top_p + [1.0] * pad, rows.scale + [1.0] * pad, rows.spans)
+                       rows.top_p + [1.0] * pad, rows.scale + [1.0] * pad, rows.spans,
+                       rows.negs + [""] * pad,
+                       torch.cat([rows.prefix, rows.prefix.new_zeros(pad, rows.u.shape[1])]),
+                       rows.forced + [0] * pad)
         rp = row_params(padded, dev, double_all=True, eager_flags=False)
         guided = rp.gidx.numel() > 0
         Nb = N + pad
-        texts = padded.texts + ([""] * Nb if guided else [])
+        texts = padded.texts + twin_texts(padded, rp)
         labels = None if padded.labels is None else padded.labels + ([-1] * Nb if guided else [])
         ids, mask = model.tokenize(texts)
         cond, text = model.condition(ids, mask, model.labels(labels, len(texts)))

@@ -9,6 +9,13 @@ Batching: `generate_batch` samples several requests (a worker's queued jobs) in 
 Temperature, top-k, top-p and guidance scale are per-row tensors inside, so each request
 keeps its own parameters; every filtering step is row-wise (nothing mixes rows), so a
 row's tokens depend only on its own logits and uniforms. `generate` is one request.
+
+Completion: a request's `prefix` image and `keep_rows` force the first `keep_rows` image
+rows: each of their sub-pixels is fed through the cache as given (teacher forcing, the
+same step that samples, so the cache holds exactly what a full forward of that prefix
+would compute) and the rest is sampled under the prompt. Negative prompts: a guided row's
+twin is conditioned on the request's `negative_prompt` instead of the empty prompt, so
+guidance steers from it towards the prompt.
 """
 
 from __future__ import annotations
@@ -47,6 +54,13 @@ class SampleRequest:
     seed: int | Sequence[int] | None = None
     progress: ProgressFn | None = None
     should_stop: Callable[[], bool] | None = None
+    # Guidance's other branch: its conditional replaces the unconditional (empty) prompt's.
+    # None or "" is plain classifier-free guidance; without guidance it changes nothing.
+    negative_prompt: str | None = None
+    # Completion: uint8 [C, H, W] (the model's size: `prepare_image`) whose top `keep_rows`
+    # rows (1..H-1) every image of the request keeps exactly; the rest is sampled.
+    prefix: torch.Tensor | None = None
+    keep_rows: int = 0
 
     @property
     def n(self) -> int:
@@ -175,13 +189,33 @@ class _Rows:
     top_p: list[float]
     scale: list[float]
     spans: list[tuple[int, int]]  # rows of each request
+    negs: list[str] = field(default_factory=list)  # text of each row's guidance twin
+    prefix: torch.Tensor = field(  # (N, T) long on the CPU: the forced sub-pixels
+        default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+    forced: list[int] = field(default_factory=list)  # pixels forced from `prefix` per row
+
+
+def _check_prefix(model: PromptPix, r: SampleRequest) -> torch.Tensor | None:
+    """The request's forced tokens (T,) long in raster order, or None; checks the shapes."""
+    c = model.config
+    if r.prefix is None:
+        if r.keep_rows:
+            raise PromptPixError("keep_rows needs a prefix image")
+        return None
+    want = (c.channels, c.image_size, c.image_size)
+    if tuple(r.prefix.shape) != want or r.prefix.dtype != torch.uint8:
+        raise PromptPixError(f"prefix must be uint8 {want} (prepare_image), got "
+                             f"{r.prefix.dtype} {tuple(r.prefix.shape)}")
+    if not 1 <= r.keep_rows <= c.image_size - 1:
+        raise PromptPixError(f"keep_rows must be 1..{c.image_size - 1}, got {r.keep_rows}")
+    return r.prefix.permute(1, 2, 0).reshape(-1).long()
 
 
 def _layout(model: PromptPix, requests: Sequence[SampleRequest]) -> _Rows:
     c = model.config
     rows = _Rows([], [], torch.empty(0, c.seq_len), [], [], [], [], [])
     any_labels = any(r.class_labels is not None for r in requests)
-    us = []
+    us, prefixes = [], []
     for r in requests:
         if not r.prompts or r.num_images < 1:
             raise PromptPixError("generate needs at least one prompt and num_images >= 1")
@@ -201,7 +235,13 @@ def _layout(model: PromptPix, requests: Sequence[SampleRequest]) -> _Rows:
         rows.top_p += [float(r.top_p)] * n
         rows.scale += [scale] * n
         rows.spans.append((start, start + n))
+        rows.negs += [r.negative_prompt or ""] * n
+        prefix = _check_prefix(model, r)
+        prefixes.append((torch.zeros(c.seq_len, dtype=torch.long) if prefix is None
+                         else prefix).expand(n, c.seq_len))
+        rows.forced += [r.keep_rows * c.image_size if prefix is not None else 0] * n
     rows.u = torch.cat(us)
+    rows.prefix = torch.cat(prefixes)
     if not any_labels:
         rows.labels = None
     return rows
@@ -233,7 +273,8 @@ class DecodeState:
     `rp.gidx`. `pos` is the pixel the next step samples; `tokens` (N, H*W*C) the sampled
     sub-pixels; `bits` (N,) the summed -log2 p of each sampled sub-pixel under its row's
     conditional logits (before guidance and filtering). `caches` None: every step
-    recomputes the full forward (the uncached reference).
+    recomputes the full forward (the uncached reference). Pixels below `forced` (N,) of a
+    row take their sub-pixels from `prefix` (N, H*W*C) instead of sampling them.
     """
 
     cond: torch.Tensor  # (B, D)
@@ -243,12 +284,14 @@ class DecodeState:
     u: torch.Tensor  # (N, H*W*C)
     tokens: torch.Tensor  # (N, H*W*C) long
     bits: torch.Tensor  # (N,) float64
+    prefix: torch.Tensor  # (N, H*W*C) long
+    forced: torch.Tensor  # (N,) long: pixels taken from `prefix`
     pos: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
 
     def buffers(self) -> list[torch.Tensor]:
         rp = self.rp
-        out = [self.cond, self.u, self.tokens, self.bits, self.pos, rp.temperature, rp.top_k,
-               rp.top_p, rp.gidx, rp.gscale]
+        out = [self.cond, self.u, self.tokens, self.bits, self.prefix, self.forced, self.pos,
+               rp.temperature, rp.top_k, rp.top_p, rp.gidx, rp.gscale]
         for k, v, m in self.text or []:
             out += [k, v, m]
         for cache in self.caches or []:
@@ -284,6 +327,7 @@ def decode_step(model: PromptPix, s: DecodeState) -> None:
         logits = model.channel_logits(h, earlier, pos, c)[:, 0]  # (B, 256)
         t_c = pos * C + c
         nxt = next_tokens(logits, rp, s.u.index_select(1, t_c).squeeze(1))  # (N,)
+        nxt = torch.where(pos < s.forced, s.prefix.index_select(1, t_c).squeeze(1), nxt)
         logp = torch.log_softmax(logits[:N], dim=-1).gather(1, nxt[:, None]).squeeze(1)
         s.bits.sub_(logp.double() / math.log(2.0))
         s.tokens.index_copy_(1, t_c, nxt[:, None])
@@ -296,7 +340,7 @@ def prepare_state(model: PromptPix, rows: _Rows, rp: RowParams, use_cache: bool,
     """The network's condition for `rows` (+ twins of `rp.gidx`) and fresh buffers."""
     device = model.device
     N, G = len(rows.texts), rp.gidx.numel()
-    texts = rows.texts + [""] * G
+    texts = rows.texts + twin_texts(rows, rp)
     labels = None if rows.labels is None else rows.labels + [-1] * G
     ids, mask = model.tokenize(texts)
     cond, text = model.condition(ids, mask, model.labels(labels, N + G))
@@ -305,7 +349,14 @@ def prepare_state(model: PromptPix, rows: _Rows, rp: RowParams, use_cache: bool,
         cond=cond, text=text, caches=model.new_caches(N + G, kv_dtype) if use_cache else None,
         rp=rp, u=rows.u.to(device), tokens=torch.zeros(N, T, dtype=torch.long, device=device),
         bits=torch.zeros(N, dtype=torch.float64, device=device),
+        prefix=rows.prefix.to(device), forced=torch.tensor(rows.forced, device=device),
         pos=torch.zeros(1, dtype=torch.long, device=device))
+
+
+def twin_texts(rows: _Rows, rp: RowParams) -> list[str]:
+    """The prompts of the guidance twins of `rp.gidx`: each row's negative prompt ("" =
+    the unconditional branch)."""
+    return [rows.negs[i] for i in rp.gidx.tolist()]
 
 
 class Sampled(list):
@@ -396,6 +447,9 @@ def generate(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     return_bits: bool = False,
+    negative_prompt: str | None = None,
+    prefix: torch.Tensor | None = None,
+    keep_rows: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample uint8 images (len(prompts) * num_images, C, H, W), prompt-major.
 
@@ -404,6 +458,7 @@ def generate(
     after each image row; `should_stop()` is checked then too and raises GenerationStopped.
     `return_bits=True` returns (images, bits) where bits (N,) float is each image's exact
     bits/dim under its prompt (what `model.nll` gives for it, to float rounding).
+    `negative_prompt`, `prefix` and `keep_rows`: see `SampleRequest`.
     """
     done = {"rows": 0}
 
@@ -413,7 +468,8 @@ def generate(
             progress(rows_done, rows_total, partial)
 
     req = SampleRequest(list(prompts), num_images, class_labels, temperature, top_k, top_p,
-                        guidance_scale, seed, counting, should_stop)
+                        guidance_scale, seed, counting, should_stop, negative_prompt, prefix,
+                        keep_rows)
     result = generate_batch(model, [req], use_cache=use_cache)
     out = result[0]
     if out is None:

@@ -11,7 +11,32 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from model import PromptPixError, prepare_image
+
+from .protocol import Keys
+
 GREY = 128  # rows not sampled yet in the preview
+
+
+class UploadRefused(ValueError):
+    """The stored upload is gone or the model cannot take it (`invalid_request`)."""
+
+
+def prepared_upload(store: Any, job_id: str, size: int, channels: int
+                    ) -> tuple[torch.Tensor, bool]:
+    """A job's stored upload (score image, init image) as the model's input, uint8
+    [channels, size, size] prepared as training data is (`model.prepare_image`), and
+    whether it had to be resized."""
+    data = store.get_blob(Keys.upload(job_id))
+    if data is None:
+        raise UploadRefused("the submitted image is no longer stored (expired)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            resized = img.size != (size, size)
+        return prepare_image(data, size, channels), resized
+    except (PromptPixError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
+        raise UploadRefused(f"the model cannot take this image: {e}") from e
 
 
 def _to_pil(chw: np.ndarray) -> Image.Image:

@@ -6,6 +6,7 @@ the process's `WorkerContext`, set once by `worker.runtime` before the worker st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from rq.timeouts import JobTimeoutException
 from model import PromptPix, SampleRequest, StaticDecoder, generate_batch
 
 from . import metrics
-from .images import grey_preview, preview_png, result_pngs
+from .images import UploadRefused, grey_preview, prepared_upload, preview_png, result_pngs
 from .protocol import (
     PROGRESS_MIN_INTERVAL_S,
     JobErrorCode,
@@ -28,6 +29,7 @@ from .protocol import (
     JobPayload,
     JobStatus,
     JobStore,
+    Keys,
     PayloadError,
     Settings,
     parse_payload,
@@ -171,7 +173,25 @@ def _unrunnable(ctx: WorkerContext, p: JobPayload) -> str | None:
     if label is not None and label >= info["num_classes"]:
         return (f"class_label {label} is not a class of model {info['id']} "
                 f"({info['num_classes']} classes)")
+    try:
+        _init_image(ctx, p)
+    except UploadRefused as e:
+        return str(e)
     return None
+
+
+def _init_image(ctx: WorkerContext, p: JobPayload) -> torch.Tensor | None:
+    """A completion's init image, prepared for the model (None: not a completion)."""
+    params, info = p.params, ctx.model_info
+    if not params.has_init_image and params.keep_rows is None:
+        return None
+    rows = info["image_size"]
+    if not params.has_init_image or params.keep_rows is None:
+        raise UploadRefused("init_image and keep_rows go together")
+    if params.keep_rows >= rows:
+        raise UploadRefused(f"keep_rows must be 1..{rows - 1} for model {info['id']} "
+                            f"({rows} rows), got {params.keep_rows}")
+    return prepared_upload(ctx.store, p.job_id, rows, info["channels"])[0]
 
 
 def _model_ref(ctx: WorkerContext) -> dict[str, Any]:
@@ -306,14 +326,16 @@ def _start(ctx: WorkerContext, p: JobPayload) -> None:
                 params.num_images, params.seed)
 
 
-def _request(p: JobPayload, run: _Attempt) -> SampleRequest:
+def _request(ctx: WorkerContext, p: JobPayload, run: _Attempt) -> SampleRequest:
     params = p.params
     return SampleRequest(
         [params.prompt], num_images=params.samples,
         class_labels=None if params.class_label is None else [params.class_label],
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
         guidance_scale=params.guidance_scale, seed=params.sample_seeds(),
-        progress=run.progress, should_stop=run.should_stop)
+        progress=run.progress, should_stop=run.should_stop,
+        negative_prompt=params.negative_prompt, prefix=_init_image(ctx, p),
+        keep_rows=params.keep_rows or 0)
 
 
 def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
@@ -334,7 +356,7 @@ def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
         metrics.BATCH_JOBS.observe(len(batch))
         runs = [_Attempt(ctx, p) for p in batch]
         start = time.perf_counter()
-        requests = [_request(p, r) for p, r in zip(batch, runs, strict=True)]
+        requests = [_request(ctx, p, r) for p, r in zip(batch, runs, strict=True)]
         results = generate_batch(ctx.model, requests, decoder=ctx.decoder)
         elapsed = time.perf_counter() - start
         records: dict[str, dict[str, Any]] = {}
@@ -417,6 +439,9 @@ def _record(ctx: WorkerContext, p: JobPayload, run: _Attempt, images: torch.Tens
     metrics.IMAGES.inc(params.samples)
     if ok:
         metrics.JOBS_COMPLETED.labels(JobStatus.SUCCEEDED.value).inc()
+        if params.has_init_image:  # else it expires with the job
+            with contextlib.suppress(redis.RedisError):
+                store.r.delete(Keys.upload(job_id))
     else:
         _count_lost(ctx, job_id)
     logger.info("job %s attempt %d %s in %.2f s (%s)", job_id, attempt,

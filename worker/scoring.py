@@ -22,9 +22,8 @@ from PIL import Image, ImageDraw
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from model import PromptPixError, prepare_image
-
 from . import metrics
+from .images import UploadRefused, prepared_upload
 from .protocol import JobErrorCode, JobStatus, Keys, PayloadError, ScorePayload
 from .protocol import parse_score_payload as parse
 
@@ -137,18 +136,10 @@ def _prepare(ctx: Any, p: ScorePayload) -> tuple[torch.Tensor, bool]:
         if bad:
             raise ScoreRefused(f"class label {bad[0]} is not a class of model {info['id']} "
                                f"({info['num_classes']} classes)")
-    data = ctx.store.get_blob(Keys.upload(p.job_id))
-    if data is None:
-        raise ScoreRefused("the submitted image is no longer stored (expired)")
-    size, channels = info["image_size"], info["channels"]
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            resized = img.size != (size, size)
-        x = prepare_image(data, size, channels)
-    except (PromptPixError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as e:
-        raise ScoreRefused(f"the model cannot take this image: {e}") from e
-    return x, resized
+        return prepared_upload(ctx.store, p.job_id, info["image_size"], info["channels"])
+    except UploadRefused as e:
+        raise ScoreRefused(str(e)) from e
 
 
 def score(payload: dict[str, Any]) -> dict[str, Any]:

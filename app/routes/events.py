@@ -2,9 +2,10 @@
 
 Events (`event:` names): `status` (`{"job", "status", "attempt"}`), `progress`
 (`{"job", "progress", "rows_done", "rows_total"}`) and, last, `done` (the job view, as
-`GET /v1/generations/{id}` answers it). For now they are derived by watching the job hash
-with the asyncio Redis client; event ids have the shape of Redis stream ids
-(`<unix ms>-<seq>`), so moving to a Redis stream of transitions keeps the wire format.
+`GET /v1/generations/{id}` answers it, or `GET /v1/scores/{id}` for a score job). For now
+they are derived by watching the job hash with the asyncio Redis client; event ids have
+the shape of Redis stream ids (`<unix ms>-<seq>`), so moving to a Redis stream of
+transitions keeps the wire format.
 Per job, ids increase: `queued` = created ms, `running` = start ms, progress = start ms
 with the rows done as sequence, the final `status`/`done` = finish ms (`-0`, `-1`).
 """
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse
 
-from worker.protocol import JobRecord, JobStatus, JobStore
+from worker.protocol import JobKind, JobRecord, JobStatus, JobStore
 
 from ..deps import JOB_ID_PATTERN, JobIdPath, PrincipalDep, StoreDep
 from ..errors import ERROR_RESPONSES, ApiError, not_found
@@ -35,6 +36,7 @@ from ..jobwatch import (
     rows_total,
 )
 from .generations import job_view
+from .scores import score_view
 
 MAX_JOBS_PER_STREAM = 50
 PING_S = 15
@@ -74,7 +76,8 @@ def job_events(job: JobRecord, store: JobStore) -> list[tuple[EventKey, str, dic
         end = max(_ms(job.finished_at), started + 1, created + 1)
         out.append(((end, 0), "status", {"job": job_id, "status": state.value,
                                          "attempt": attempt}))
-        view = json.loads(job_view(job, store).model_dump_json())
+        final = score_view(job, store) if job.kind is JobKind.SCORE else job_view(job, store)
+        view = json.loads(final.model_dump_json())
         out.append(((end, 1), "done", view))
     return out
 

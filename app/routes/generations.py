@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response, status
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel
 
 from worker.protocol import (
     MAX_BEST_OF_FACTOR,
@@ -26,17 +27,20 @@ from worker.protocol import (
 )
 
 from ..deps import (
+    AsyncStoreDep,
     JobDep,
     JobIdPath,
     PrincipalDep,
     SettingsDep,
     StoreDep,
-    find_job,
+    job_status,
     rate_limited,
 )
 from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
+from ..imaging import decode_upload
+from ..jobwatch import request_redis
 from ..metrics import JOBS_SUBMITTED
-from ..modelsel import check_class_label, resolve_model
+from ..modelsel import check_class_label, resolve_model_async
 from ..schemas import GenerationRequest, JobCreated, JobErrorOut, JobModel, JobView
 from ..waiting import prefer_wait, wait_until_finished
 from ..webhook_policy import webhook_for, webhook_status
@@ -44,6 +48,7 @@ from ..webhook_policy import webhook_for, webhook_status
 logger = logging.getLogger(__name__)
 
 PREFIX = "/v1/generations"
+UPLOAD_PATHS = frozenset({PREFIX})  # init_image: body limit PROMPTPIX_MAX_UPLOAD_BYTES
 QUEUE_FULL_RETRY_AFTER_S = 5
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
@@ -59,11 +64,15 @@ def iso(ts: float | None) -> str | None:
 
 
 def job_view(job: JobRecord, store: StoreDep) -> JobView:
-    """The public view of a stored job."""
+    """The public view of a stored job (reads its queue position)."""
+    return view_at(job, store.queue_position(job) if job.status is JobStatus.QUEUED else None)
+
+
+def view_at(job: JobRecord, position: int | None) -> JobView:
+    """The public view of a stored job at queue `position` (None: not in the queue)."""
     state = job.status
     params = dict(job.params)
     prompt = params.pop("prompt")
-    position = store.queue_position(job) if state is JobStatus.QUEUED else None
     if state is JobStatus.QUEUED and position is None:
         position = 0  # just taken by a worker, not yet marked running
     n_images = job.images if state is JobStatus.SUCCEEDED else 0
@@ -80,11 +89,12 @@ def job_view(job: JobRecord, store: StoreDep) -> JobView:
                             if n_images and isinstance(job.result, dict) else None),
         preview_url=f"{PREFIX}/{job.id}/preview.png" if job.has_preview else None,
         error=error, user=job.user, webhook=webhook_status(job),
+        keep_rows=params.get("keep_rows"), has_init_image=bool(params.get("has_init_image")),
     )
 
 
-def _check_limits(body: GenerationRequest, settings: SettingsDep,
-                  store: StoreDep) -> GenerationRequest:
+async def _check_limits(body: GenerationRequest, settings: SettingsDep,
+                        astore: AsyncStoreDep) -> GenerationRequest:
     """Check the request against the settings and its model's facts; return it with its
     model resolved (aliases, the default)."""
     if len(body.prompt) > settings.max_prompt_chars:
@@ -100,8 +110,20 @@ def _check_limits(body: GenerationRequest, settings: SettingsDep,
                            f"best_of must be {body.num_images}..{top} (num_images to "
                            f"{MAX_BEST_OF_FACTOR}x num_images, at most PROMPTPIX_MAX_IMAGES="
                            f"{settings.max_images}), got {body.best_of}", "best_of")
-    model = resolve_model(store, body.model)
+    if body.negative_prompt and len(body.negative_prompt) > settings.max_prompt_chars:
+        raise ApiError(422, "invalid_request", "negative_prompt is longer than "
+                       f"{settings.max_prompt_chars} characters", "negative_prompt")
+    if (body.keep_rows is None) != (body.init_image is None):
+        field = "init_image" if body.init_image is None else "keep_rows"
+        raise ApiError(422, "invalid_request", "init_image and keep_rows go together "
+                       f"(completion); {field} is missing", field)
+    model = await resolve_model_async(astore, body.model)
     check_class_label(model, body.class_label)
+    rows = model.get("image_size")
+    if body.keep_rows is not None and rows and not body.keep_rows < int(rows):
+        raise ApiError(422, "invalid_request", f"keep_rows must be 1..{int(rows) - 1} for "
+                       f"model {model['id']!r} ({rows} rows), got {body.keep_rows}",
+                       "keep_rows")
     return body.model_copy(update={"model": model["id"]})
 
 
@@ -120,33 +142,36 @@ _WAIT_DOC = ("`Prefer: wait=N` (N <= 60): the finished job view (200) when the j
                               "(`unavailable`) or full (`storage_full`); see Retry-After"}})
 async def post_generation(
     body: GenerationRequest, request: Request, response: Response, principal: PrincipalDep,
-    store: StoreDep, settings: SettingsDep,
+    astore: AsyncStoreDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     prefer: Annotated[str | None, Header(description=_WAIT_DOC)] = None,
 ) -> Response | JobCreated:
     """Queue a generation job; poll `status_url` for progress and images."""
-    created = await run_in_threadpool(submit, body, response, principal, store, settings,
-                                      idempotency_key)
-    return await answer_after_wait(request, settings, created, response,
-                                   lambda: job_view(find_job(created.id, principal, store),
-                                                    store))
+    created = await submit(body, response, principal, astore, settings, idempotency_key)
+    return await answer_after_wait(request, created, response,
+                                   lambda: status_view(created.id, principal, astore))
 
 
-async def answer_after_wait(request: Request, settings: SettingsDep, created: JobCreated,
-                            response: Response, view: Any) -> Response | JobCreated:
+async def status_view(job_id: str, principal: PrincipalDep, astore: AsyncStoreDep) -> JobView:
+    """The caller's generation job as `GET /v1/generations/{id}` shows it (404 otherwise)."""
+    return view_at(*await job_status(job_id, principal, astore))
+
+
+async def answer_after_wait(
+        request: Request, created: JobCreated, response: Response,
+        view: Callable[[], Awaitable[BaseModel]]) -> Response | JobCreated:
     """The submission's answer: with `Prefer: wait=N`, the finished view (200) when the job
     ended in time; otherwise `created` (202, or 200 for a repeated Idempotency-Key)."""
     seconds = prefer_wait(request)
-    if seconds and await wait_until_finished(settings, created.id, seconds):
+    if seconds and await wait_until_finished(request_redis(request), created.id, seconds):
         try:
-            finished = await run_in_threadpool(view)
+            finished = await view()
         except ApiError:
             return created  # expired meanwhile (only with a tiny RESULT_TTL)
         return JSONResponse(finished.model_dump(mode="json"), status_code=200,
                             headers={"Location": created.status_url,
                                      "Preference-Applied": f"wait={seconds}"})
     return created
-
 
 
 def idempotency(key: str | None, requested: dict[str, Any],
@@ -162,14 +187,16 @@ def idempotency(key: str | None, requested: dict[str, Any],
     return Keys.idempotency(scope, key), body_hash
 
 
-def admit(store: StoreDep, params: Any, principal: PrincipalDep,
-          idem: tuple[str, str] | None, **extra: Any) -> tuple[JobRecord, bool]:
+async def admit(astore: AsyncStoreDep, params: Any, principal: PrincipalDep,
+                idem: tuple[str, str] | None, **extra: Any) -> tuple[JobRecord, bool]:
     """Create a job of any kind in one Redis step (Idempotency-Key lookup, then MAX_QUEUE
-    and the caller's cap) and read it back; (job, created). Refusals as API errors."""
+    and the caller's cap, then the job and its RQ entry); (job, created). Refusals as API
+    errors."""
     retry_after = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
     try:
-        job_id, created = store.create_job(params, owner=principal.owner, idempotency=idem,
-                                           quota_who=principal.who, **extra)
+        job, created = await astore.create_job(params, owner=principal.owner,
+                                               idempotency=idem, quota_who=principal.who,
+                                               **extra)
     except IdempotencyConflict as e:
         raise ApiError(409, "idempotency_conflict",
                        "this Idempotency-Key was used with a different body") from e
@@ -177,24 +204,25 @@ def admit(store: StoreDep, params: Any, principal: PrincipalDep,
         raise ApiError(429, "queue_full", str(e), headers=retry_after) from e
     except QuotaExceeded as e:
         raise ApiError(429, "quota_exceeded", str(e), headers=retry_after) from e
-    job = store.get(job_id)
-    if job is None:  # expired between the two reads: only possible with a tiny RESULT_TTL
-        raise not_found()
+    except LookupError:  # the earlier job expired meanwhile: only with a tiny RESULT_TTL
+        raise not_found() from None
     if created:
         JOBS_SUBMITTED.inc()
     return job, created
 
-def submit(body: GenerationRequest, response: Response, principal: PrincipalDep,
-           store: StoreDep, settings: SettingsDep,
-           idempotency_key: str | None = None) -> JobCreated:
-    """Admit a generation job (blocking: Redis); the answer without any wait."""
+
+async def submit(body: GenerationRequest, response: Response, principal: PrincipalDep,
+                 astore: AsyncStoreDep, settings: SettingsDep,
+                 idempotency_key: str | None = None) -> JobCreated:
+    """Admit a generation job; the answer without any wait."""
     requested = body.model_dump()
-    body = _check_limits(body, settings, store)
+    body = await _check_limits(body, settings, astore)
     idem = idempotency(idempotency_key, requested, principal.owner or "global")
     webhook = webhook_for(body, settings)
+    upload = None if body.init_image is None else decode_upload(body.init_image, "init_image")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
     params = GenerationParams(**{**body.job_fields(), "seed": seed})
-    job, created = admit(store, params, principal, idem, webhook=webhook)
+    job, created = await admit(astore, params, principal, idem, webhook=webhook, upload=upload)
     if not created:
         response.status_code = status.HTTP_200_OK
     url = f"{PREFIX}/{job.id}"
@@ -204,12 +232,12 @@ def submit(body: GenerationRequest, response: Response, principal: PrincipalDep,
 
 
 @router.get("/{job_id}", response_model=JobView)
-def get_job(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> Response:
+async def get_job(job_id: JobIdPath, principal: PrincipalDep,
+                  astore: AsyncStoreDep) -> Response:
     """Status, progress, queue position and, when done, the image URLs."""
-    # The poll every client repeats, so it costs one thread-pool hop: the lookup runs here
-    # rather than as a (second, threaded) dependency, and the view is serialised once — a
-    # returned model would be validated again by FastAPI, in a third hop.
-    view = job_view(find_job(job_id, principal, store), store)
+    # The poll every client repeats: one round trip on the event loop (no thread-pool
+    # hop), and the view serialised once (a returned model would be validated again).
+    view = await status_view(job_id, principal, astore)
     return Response(view.model_dump_json(), media_type="application/json")
 
 

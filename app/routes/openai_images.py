@@ -26,7 +26,14 @@ from starlette.concurrency import run_in_threadpool
 from worker.protocol import JobRecord, JobStatus, JobStore, Keys, Settings
 
 from .. import imaging
-from ..deps import JOB_ID_PATTERN, PrincipalDep, SettingsDep, StoreDep, rate_limited
+from ..deps import (
+    JOB_ID_PATTERN,
+    AsyncStoreDep,
+    PrincipalDep,
+    SettingsDep,
+    StoreDep,
+    rate_limited,
+)
 from ..errors import ApiError
 from ..jobwatch import (
     FINISHED,
@@ -39,7 +46,7 @@ from ..jobwatch import (
     set_label,
     url_secret,
 )
-from ..modelsel import resolve_model
+from ..modelsel import resolve_model_async
 from ..openai_compat import (
     ImageGenerationRequest,
     OpenAIErrorResponse,
@@ -150,7 +157,7 @@ def _image_size(job: JobRecord) -> int:
                                           "text/event-stream": {}}}})
 async def generate_images(body: ImageGenerationRequest, request: Request,
                           principal: PrincipalDep, store: StoreDep,
-                          settings: SettingsDep) -> Response:
+                          astore: AsyncStoreDep, settings: SettingsDep) -> Response:
     """OpenAI-compatible generation, for `client.images.generate(...)` of the `openai` SDK.
 
     A normal job underneath. `quality`, `style`, `background`, `moderation`,
@@ -164,14 +171,14 @@ async def generate_images(body: ImageGenerationRequest, request: Request,
         side = imaging.parse_size(body.size)
     except imaging.SizeError as e:
         raise ApiError(400, "invalid_size", str(e), "size") from e
-    model = await run_in_threadpool(resolve_model, store, body.model, 400)
+    model = await resolve_model_async(astore, body.model, 400)
     if "image_size" in model:  # check the size before queueing (unknown model: when it ends)
         try:
             imaging.scale_for(side, int(model["image_size"]))
         except imaging.SizeError as e:
             raise ApiError(400, "invalid_size", str(e), "size") from e
-    created = await run_in_threadpool(submit, _generation_request(body, model["id"]), Response(),
-                                      principal, store, settings, None)
+    created = await submit(_generation_request(body, model["id"]), Response(), principal,
+                           astore, settings, None)
     if body.user:
         await set_label(request_redis(request), created.id, "user", body.user)
     headers = {"x-promptpix-job-id": created.id}

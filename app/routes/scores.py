@@ -7,8 +7,6 @@ limit, `PROMPTPIX_MAX_UPLOAD_BYTES`) and format only; the worker decodes and pre
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from typing import Annotated, Any
 
@@ -24,10 +22,20 @@ from worker.protocol import (
     ScoreParams,
 )
 
-from ..deps import JobIdPath, PrincipalDep, SettingsDep, StoreDep, find_job, rate_limited
+from ..deps import (
+    AsyncStoreDep,
+    JobIdPath,
+    PrincipalDep,
+    SettingsDep,
+    StoreDep,
+    find_job,
+    rate_limited,
+)
 from ..errors import ERROR_RESPONSES, ApiError, ErrorResponse, not_found
-from ..modelsel import resolve_model
+from ..imaging import decode_upload
+from ..modelsel import resolve_model_async
 from ..schemas import JobErrorOut, JobModel
+from . import generations
 from .generations import (
     _WAIT_DOC,
     admit,
@@ -39,9 +47,8 @@ from .generations import (
 logger = logging.getLogger(__name__)
 
 PREFIX = "/v1/scores"
-UPLOAD_PATHS = frozenset({PREFIX})  # routes whose body limit is PROMPTPIX_MAX_UPLOAD_BYTES
-# Magic numbers of the accepted upload formats.
-_FORMATS = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"))
+# Routes whose body limit is PROMPTPIX_MAX_UPLOAD_BYTES: scores, and generations (init_image).
+UPLOAD_PATHS = frozenset({PREFIX}) | generations.UPLOAD_PATHS
 
 router = APIRouter(prefix=PREFIX, tags=["scores"], responses=ERROR_RESPONSES,
                    dependencies=[Depends(rate_limited)])
@@ -131,26 +138,10 @@ def score_view(job: JobRecord, store: StoreDep) -> ScoreView:
     )
 
 
-def decode_upload(text: str) -> bytes:
-    """The image bytes of a base64 upload; 422 naming the problem unless PNG/JPEG/WebP."""
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(422, "invalid_request", f"image is not valid base64: {e}",
-                       "image") from e
-    if not (any(data.startswith(magic) for magic, _ in _FORMATS)
-            or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")):
-        raise ApiError(422, "invalid_request",
-                       f"image is not a PNG, JPEG or WebP file (starts with {data[:8]!r})",
-                       "image")
-    return data
-
-
-def source_image(body: ScoreRequest, principal: PrincipalDep, store: StoreDep) -> bytes:
-    """The image to score: the upload, or a finished generation's image (same ownership
-    rules as reading it: another key's job is 404)."""
+def source_image(body: ScoreRequest, principal: PrincipalDep, store: StoreDep
+                 ) -> tuple[bytes, str | None]:
+    """The image to score and the model that made it: the upload (None), or a finished
+    generation's image (same ownership rules as reading it: another key's job is 404)."""
     if (body.image is None) == (body.job_id is None):
         raise ApiError(422, "invalid_request",
                        "give either image (base64) or job_id with image_index", "image")
@@ -158,7 +149,7 @@ def source_image(body: ScoreRequest, principal: PrincipalDep, store: StoreDep) -
         if body.image_index is not None:
             raise ApiError(422, "invalid_request", "image_index goes with job_id",
                            "image_index")
-        return decode_upload(body.image)
+        return decode_upload(body.image), None
     if body.image_index is None:
         raise ApiError(422, "invalid_request", "job_id needs image_index", "image_index")
     source = find_job(body.job_id or "", principal, store, JobKind.GENERATE)
@@ -169,17 +160,20 @@ def source_image(body: ScoreRequest, principal: PrincipalDep, store: StoreDep) -
         raise ApiError(404, "not_found", f"generation {source.id} has no finished image "
                        f"{body.image_index} ({source.images} images, {source.status.value})",
                        "image_index")
-    return data
+    made_by = source.model.get("id") if source.model else source.params.get("model")
+    return data, made_by
 
 
-def _check(body: ScoreRequest, settings: SettingsDep, store: StoreDep) -> str:
+async def _check(body: ScoreRequest, settings: SettingsDep, astore: AsyncStoreDep,
+                 default: str | None = None) -> str:
     """Check the request against the settings and its model's facts; return the model id
-    (resolved as for generations: named, PROMPTPIX_DEFAULT_MODEL, or the only one)."""
+    (resolved as for generations: named, else `default` (the model that made a generated
+    image), else PROMPTPIX_DEFAULT_MODEL or the only one)."""
     for n, caption in enumerate(body.captions):
         if len(caption) > settings.max_prompt_chars:
             raise ApiError(422, "invalid_request", f"caption {n} is longer than "
                            f"{settings.max_prompt_chars} characters", f"captions.{n}")
-    model = resolve_model(store, body.model)
+    model = await resolve_model_async(astore, body.model or default)
     if body.class_labels and "num_classes" in model:
         classes = int(model.get("num_classes") or 0)
         bad = [x for x in body.class_labels if x >= classes]
@@ -189,17 +183,17 @@ def _check(body: ScoreRequest, settings: SettingsDep, store: StoreDep) -> str:
     return str(model["id"])
 
 
-def _submit(body: ScoreRequest, response: Response, principal: PrincipalDep,
-            store: StoreDep, settings: SettingsDep,
-            idempotency_key: str | None) -> ScoreCreated:
-    model = _check(body, settings, store)
-    upload = source_image(body, principal, store)
+async def _submit(body: ScoreRequest, response: Response, principal: PrincipalDep,
+                  store: StoreDep, astore: AsyncStoreDep, settings: SettingsDep,
+                  idempotency_key: str | None) -> ScoreCreated:
+    upload, made_by = await run_in_threadpool(source_image, body, principal, store)
+    model = await _check(body, settings, astore, made_by)
     # Scoped by key and kind: the same key may name a generation and a score.
     idem = idempotency(idempotency_key, body.model_dump(),
                        f"{principal.owner or 'global'}:{JobKind.SCORE.value}")
     params = ScoreParams(captions=body.captions, class_labels=body.class_labels,
                          tolerance=body.tolerance, model=model)
-    job, created = admit(store, params, principal, idem, upload=upload)
+    job, created = await admit(astore, params, principal, idem, upload=upload)
     if not created:
         response.status_code = status.HTTP_200_OK
     url = f"{PREFIX}/{job.id}"
@@ -220,16 +214,17 @@ def _submit(body: ScoreRequest, response: Response, principal: PrincipalDep,
                               "(`unavailable`) or full (`storage_full`); see Retry-After"}})
 async def submit_score(
     body: ScoreRequest, request: Request, response: Response, principal: PrincipalDep,
-    store: StoreDep, settings: SettingsDep,
+    store: StoreDep, astore: AsyncStoreDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     prefer: Annotated[str | None, Header(description=_WAIT_DOC)] = None,
 ) -> Response | ScoreCreated:
     """Queue a score job: the image's exact bits/dim under each caption."""
-    created = await run_in_threadpool(_submit, body, response, principal, store, settings,
-                                      idempotency_key)
+    created = await _submit(body, response, principal, store, astore, settings,
+                            idempotency_key)
     return await answer_after_wait(  # type: ignore[arg-type]
-        request, settings, created, response,
-        lambda: score_view(find_job(created.id, principal, store, JobKind.SCORE), store))
+        request, created, response,
+        lambda: run_in_threadpool(
+            lambda: score_view(find_job(created.id, principal, store, JobKind.SCORE), store)))
 
 
 def load_score(job_id: JobIdPath, principal: PrincipalDep, store: StoreDep) -> JobRecord:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 
-from ..deps import SettingsDep, StoreDep, authenticate
+from ..deps import SettingsDep, StoreDep, authenticated
 from ..errors import ErrorResponse, error_response
 from ..metrics import render_metrics
 from ..schemas import Readiness
@@ -43,8 +44,9 @@ def readyz(request: Request, store: StoreDep) -> Readiness | JSONResponse:
 
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
-def metrics(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+async def metrics(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
     """Prometheus text; needs an API key when keys are on and PROMPTPIX_METRICS_PUBLIC=false."""
     if not settings.metrics_public:
-        authenticate(request, settings)
-    return Response(render_metrics(store), media_type=CONTENT_TYPE_LATEST)
+        await authenticated(request, settings)
+    return Response(await run_in_threadpool(render_metrics, store),
+                    media_type=CONTENT_TYPE_LATEST)

@@ -106,6 +106,7 @@ export async function request(path, { method = "GET", body, signal } = {}) {
 }
 
 const jobPath = (id) => `/v1/generations/${encodeURIComponent(id)}`;
+const scorePath = (id) => `/v1/scores/${encodeURIComponent(id)}`;
 
 /** The served models: OpenAI's list shape ("data"; older servers: "models" or bare). */
 export async function listModels() {
@@ -120,6 +121,25 @@ export async function submitJob(params) {
 
 export async function jobStatus(id) {
   return (await request(jobPath(id))).json();
+}
+
+/** POST /v1/scores: {image (base64) | job_id + image_index, captions}. */
+export async function submitScore(body) {
+  return (await request("/v1/scores", { method: "POST", body })).json();
+}
+
+export async function scoreStatus(id) {
+  return (await request(scorePath(id))).json();
+}
+
+/** A Blob's bytes as plain base64 (no `data:` prefix), for a JSON upload. */
+export function toBase64(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).replace(/^data:[^,]*,/, ""));
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(blob);
+  });
 }
 
 /** The multiplexed event stream of several jobs (a streaming Response; read its body). */

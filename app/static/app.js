@@ -1,4 +1,5 @@
-// The promptpix page: wires the form, the model list, readiness and the job list together.
+// The promptpix page: wires the form, the model list, readiness, the job list and the
+// Score panel together.
 
 import { ApiError, getApiKey, listModels, readiness, setApiKey, submitJob } from "./api.js";
 import {
@@ -12,6 +13,7 @@ import {
   showFieldError,
 } from "./form.js";
 import { JobList } from "./jobs.js";
+import { ScorePanel } from "./score.js";
 
 const $ = (id) => document.getElementById(id);
 const READY_POLL_MS = { ready: 15000, notReady: 3000 };
@@ -53,7 +55,8 @@ function explain(error) {
         : "This server needs an API key. Enter it under “API key”, then try again.";
     case 422: {
       const field = fieldFromPath(error.field);
-      return field ? `${labelOf(field)}: ${sentence(error.message)}` : sentence(error.message);
+      if (field) return `${labelOf(field)}: ${sentence(error.message)}`;
+      return error.field ? `${error.field}: ${sentence(error.message)}` : sentence(error.message);
     }
     case 429:
       return error.code === "queue_full"
@@ -114,23 +117,25 @@ function handleSubmitError(error) {
   showFormError(message);
 }
 
-async function send(params) {
+/** Submit a generation and add its card; `showError` says why it was refused. */
+async function send(params, showError = handleSubmitError) {
   if (sending || waiting()) return;
   sending = true;
   $("generate").setAttribute("aria-busy", "true");
   try {
     const created = await submitJob(params);
+    const { init_image: _, ...kept } = params; // not the upload in localStorage
     const job = jobs.add({
       id: created.id,
       prompt: params.prompt,
-      params: { ...params, seed: created.seed ?? params.seed },
+      params: { ...kept, seed: created.seed ?? params.seed },
       created_at: created.created_at,
       status: created.status || "queued",
     });
     // On a phone the job list is below the form: bring the new card into view.
     job.card.scrollIntoView({ block: "nearest" });
   } catch (error) {
-    handleSubmitError(error);
+    showError(error);
   } finally {
     sending = false;
     $("generate").removeAttribute("aria-busy");
@@ -160,6 +165,15 @@ function rerun(params, { newSeed }) {
   fillForm(next);
   clearErrors();
   send(next);
+}
+
+/** "Continue from row N" on a job's image: a refusal is shown in that job's card. */
+function continueFrom(params, source) {
+  return send(params, (error) => {
+    if (!(error instanceof ApiError)) throw error;
+    if (error.status === 401) askForKey({ focus: false });
+    source.renderError({ message: explain(error), code: error.code });
+  });
 }
 
 // ---- models and readiness -------------------------------------------------------------
@@ -290,9 +304,13 @@ function bindEvents() {
 }
 
 function init() {
+  const onAuthNeeded = () => askForKey({ focus: false });
+  const scores = new ScorePanel({ explain, onAuthNeeded });
   jobs = new JobList($("job-list"), $("jobs-empty"), {
     onRerun: rerun,
-    onAuthNeeded: () => askForKey({ focus: false }),
+    onAuthNeeded,
+    onScore: (image) => scores.useGenerated(image),
+    onContinue: continueFrom,
   });
   $("api-key").value = getApiKey();
   bindEvents();

@@ -1,8 +1,8 @@
 // One card per job: follows its live events (events.js: one stream for all the page's
-// jobs), shows status, progress, the live preview, then the final PNGs; keeps this
-// browser's recent jobs in localStorage.
+// jobs), shows status, progress, the live preview, then the final PNGs (each can be
+// scored, or continued from a row); keeps this browser's recent jobs in localStorage.
 
-import { cancelJob, fetchImage, jobStatus } from "./api.js";
+import { cancelJob, fetchImage, jobStatus, toBase64 } from "./api.js";
 import { EventFeed } from "./events.js";
 import { PARAM_FIELDS } from "./form.js";
 
@@ -85,13 +85,15 @@ function rerunParams(record) {
   const params = { prompt: record.prompt };
   for (const name of PARAM_FIELDS) if (name in record.params) params[name] = record.params[name];
   if (Number.isInteger(record.params.class_label)) params.class_label = record.params.class_label;
+  if (typeof record.params.model === "string") params.model = record.params.model;
   return params;
 }
 
 class Job {
   /**
    * @param {object} record what is kept in localStorage: id, prompt, params, created_at, status
-   * @param {object} hooks onChange(job), onRerun(params, {newSeed}), onRemove(job), onAuthNeeded()
+   * @param {object} hooks onChange(job), onRerun(params, {newSeed}), onRemove(job),
+   *   onAuthNeeded(), onScore({jobId, index, blob, prompt}), onContinue(params, job)
    */
   constructor(record, hooks) {
     this.record = record;
@@ -101,6 +103,7 @@ class Job {
     this.previewAt = 0; // when it was last fetched (performance.now())
     this.imagesShown = false;
     this.imageUrls = [];
+    this.blobs = []; // the final PNGs, for scoring and continuing
     this.card = this.build();
   }
 
@@ -134,6 +137,10 @@ class Job {
       newSeed: part("new-seed"),
       remove: part("remove"),
       meta: part("job-meta"),
+      continueForm: part("continue-form"),
+      continueImage: part("continue-image"),
+      continueRows: part("continue-rows"),
+      continueButton: part("continue"),
     };
     node.dataset.jobId = this.id;
     const title = part("job-prompt");
@@ -150,6 +157,11 @@ class Job {
     this.el.sameSeed.addEventListener("click", () => rerun(false));
     this.el.newSeed.addEventListener("click", () => rerun(true));
     this.el.remove.addEventListener("click", () => this.hooks.onRemove(this));
+    this.el.continueForm.addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.continueImage();
+    });
+    this.el.continueRows.addEventListener("input", () => this.labelContinue());
     this.render({ status: this.record.status, images: [] });
     return node;
   }
@@ -159,6 +171,7 @@ class Job {
     const parts = [];
     if (params.seed != null) parts.push(`seed ${params.seed}`);
     if (params.num_images != null) parts.push(plural(params.num_images, "image"));
+    if (params.keep_rows != null) parts.push(`continued from row ${params.keep_rows}`);
     if (createdAt) parts.push(new Date(createdAt).toLocaleTimeString());
     this.el.meta.textContent = parts.join(" · ");
   }
@@ -170,8 +183,10 @@ class Job {
     this.renderProgress(data);
     const active = status === "queued" || status === "running";
     this.el.cancel.hidden = !active;
-    this.el.sameSeed.hidden = active; // the parameters are kept here, even once expired
-    this.el.newSeed.hidden = active;
+    // The parameters are kept here, even once expired (not a continuation's init image).
+    const continued = this.record.params.keep_rows != null;
+    this.el.sameSeed.hidden = active || continued;
+    this.el.newSeed.hidden = active || continued;
     this.el.remove.hidden = active;
     this.renderError(data.error);
     this.renderMeta();
@@ -249,7 +264,49 @@ class Job {
   async showImages(urls) {
     const blobs = await Promise.all(urls.map((url) => fetchImage(url)));
     this.imagesShown = true;
+    this.blobs = blobs;
     this.el.images.replaceChildren(...blobs.map((blob, n) => this.imageItem(blob, n)));
+    if (blobs.length) await this.offerContinue(blobs[0]);
+  }
+
+  /** "Continue from row N": N from 1 to the image height − 1 (half of it at first). */
+  async offerContinue(blob) {
+    const bitmap = await createImageBitmap(blob);
+    this.height = bitmap.height;
+    bitmap.close();
+    const picker = this.el.continueImage;
+    picker.replaceChildren(...this.blobs.map((_, n) => new Option(`Image ${n + 1}`, String(n))));
+    const rows = this.el.continueRows;
+    rows.max = String(this.height - 1);
+    rows.value = String(Math.max(1, Math.floor(this.height / 2)));
+    this.labelContinue();
+    this.el.continueForm.hidden = this.height < 2;
+  }
+
+  labelContinue() {
+    const rows = this.el.continueRows.value.trim();
+    this.el.continueButton.textContent = rows ? `Continue from row ${rows}` : "Continue";
+  }
+
+  /** Submit the picked image's top rows with this job's prompt and settings, a new seed. */
+  async continueImage() {
+    const rows = this.el.continueRows;
+    const keep = Number(rows.value);
+    if (!Number.isInteger(keep) || keep < 1 || keep >= this.height) {
+      rows.setAttribute("aria-invalid", "true");
+      this.renderError({ message: `Rows to keep: enter a whole number from 1 to ${this.height - 1}`,
+                         code: "invalid_request" });
+      rows.focus();
+      return;
+    }
+    rows.removeAttribute("aria-invalid");
+    this.renderError(null);
+    const params = rerunParams(this.record);
+    delete params.seed; // the server draws one: another continuation than this image's
+    const blob = this.blobs[Number(this.el.continueImage.value)];
+    params.init_image = await toBase64(blob);
+    params.keep_rows = keep;
+    await this.hooks.onContinue(params, this);
   }
 
   imageItem(blob, n) {
@@ -264,8 +321,15 @@ class Job {
     link.href = url;
     link.download = `promptpix-${this.id.slice(0, 8)}-${n}.png`;
     link.textContent = `Download image ${n + 1}`;
+    const score = document.createElement("button");
+    score.type = "button";
+    score.className = "secondary small";
+    score.textContent = "Score";
+    score.setAttribute("aria-label", `Score image ${n + 1}`);
+    score.addEventListener("click", () => this.hooks.onScore({
+      jobId: this.id, index: n, blob, prompt: this.record.prompt }));
     const caption = document.createElement("figcaption");
-    caption.append(link);
+    caption.append(link, score);
     const figure = document.createElement("figure");
     figure.append(img, caption);
     const item = document.createElement("li");
@@ -316,7 +380,7 @@ class Job {
 
 /** The list of this browser's jobs, newest first, mirrored to localStorage. */
 export class JobList {
-  constructor(listEl, emptyEl, { onRerun, onAuthNeeded }) {
+  constructor(listEl, emptyEl, { onRerun, onAuthNeeded, onScore, onContinue }) {
     this.listEl = listEl;
     this.emptyEl = emptyEl;
     this.jobs = [];
@@ -324,6 +388,8 @@ export class JobList {
       onChange: () => this.save(),
       onRerun,
       onAuthNeeded,
+      onScore,
+      onContinue,
       onRemove: (job) => this.remove(job),
     };
     this.feed = new EventFeed(() => this.jobs.filter((j) => !j.done && !j.removed));

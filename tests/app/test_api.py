@@ -126,6 +126,20 @@ def test_queue_full(make_client) -> None:
     assert int(r.headers["retry-after"]) > 0
 
 
+def test_no_model_registered_yet_is_503_not_a_client_error(make_client, redis_url: str
+                                                            ) -> None:
+    """Before any worker registered a model (or after a Redis restart without persistence,
+    until the next heartbeat registers it again), submissions are 503 with Retry-After,
+    not 422 `model_required`; once a model is registered they are accepted, at once."""
+    c = make_client(models="")
+    for body in (VALID, {**VALID, "model": "tiny"}):
+        r = c.post(URL, json=body)
+        err = error_of(r, 503, "unavailable")
+        assert "no model is registered yet" in err["message"] and r.headers["retry-after"]
+    redis.Redis.from_url(redis_url).hset(Keys.models, "tiny", json.dumps({"id": "tiny"}))
+    assert c.post(URL, json=VALID).status_code == 202
+
+
 def test_readyz_without_worker(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")

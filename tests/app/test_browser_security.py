@@ -71,7 +71,7 @@ def test_every_answer_carries_the_browser_headers(api: Api) -> None:
         api.get("/v1/generations/" + "0" * 32), api.get("/nowhere"),
         httpx.post(f"{api.url}/v1/generations", content=b"{", timeout=10,
                    headers={"Content-Type": "application/json"}),
-        httpx.post(f"{api.url}/v1/generations", content=b"x" * 70_000, timeout=10),
+        httpx.post(f"{api.url}/v1/images/generations", content=b"x" * 70_000, timeout=10),
     ]
     assert [r.status_code for r in answers] == [200, 200, 200, 200, 200, 200, 200, 404, 404,
                                                  422, 413]

@@ -77,15 +77,20 @@ def test_malformed_bodies(client: TestClient, raw: bytes, ctype: str) -> None:
     error_of(r, 422, "invalid_request")
 
 
+# POST /v1/generations takes uploads (init_image): its body limit is
+# PROMPTPIX_MAX_UPLOAD_BYTES (default 4 MiB), other routes keep 64 KiB.
+UPLOAD_LIMIT = 4 * 1024 * 1024
+
+
 def test_oversized_body_413(client: TestClient) -> None:
-    big = {"prompt": "a" * (70 * 1024)}
+    big = {"prompt": "a" * (UPLOAD_LIMIT + 1024)}
     error_of(client.post(URL, json=big), 413, "payload_too_large")
 
 
 def test_oversized_chunked_body_413(client: TestClient) -> None:
     def chunks():
         yield b'{"prompt": "'
-        for _ in range(80):
+        for _ in range(UPLOAD_LIMIT // 1024 + 16):
             yield b"a" * 1024
         yield b'"}'
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from typing import Any
 
 import httpx
 import pytest
 from httpx_sse import ServerSentEvent, connect_sse
+from PIL import Image
 
 from tests.e2e.api_stack import Stack
 from tests.worker.helpers import finished, poll_job
@@ -86,3 +89,17 @@ def test_event_stream_errors(stack: Stack) -> None:
     assert stack.http.get("/v1/events?ids=,").status_code == 422
     assert httpx.get(f"{stack.base}/v1/events?ids={job_id}").status_code == 401
     assert httpx.get(f"{stack.base}/v1/generations/{job_id}/events").status_code == 401
+
+
+def test_a_score_job_on_the_event_stream_ends_with_its_score_view(stack: Stack) -> None:
+    """Score jobs share the stream: their `done` event is the GET /v1/scores/{id} view."""
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (220, 40, 40)).save(png, format="PNG")
+    captions = ["a red square", "a blue square"]
+    job_id = stack.http.post("/v1/scores", json={
+        "image": base64.b64encode(png.getvalue()).decode(), "captions": captions}).json()["id"]
+    events = read(stack.http, f"/v1/events?ids={job_id}")
+    assert events[0].event == "status" and events[-1].event == "done"
+    done = data(events[-1])
+    assert done == stack.http.get(f"/v1/scores/{job_id}").json()
+    assert done["status"] == "succeeded" and [r["caption"] for r in done["results"]] == captions

@@ -182,13 +182,15 @@ def test_api_checks_format_size_and_captions(stack: httpx.Client) -> None:
                  "tolerance": 0.9}).status_code == 422
     r = post({"image": png_b64((0, 0, 0)), "captions": ["a"], "model": "nope"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    # The upload route's body limit is PROMPTPIX_MAX_UPLOAD_BYTES; others keep 64 KiB.
+    # The upload routes' body limit is PROMPTPIX_MAX_UPLOAD_BYTES; others keep 64 KiB.
     big = png_b64((0, 0, 0)) + "A" * 100_000
     assert post({"image": big, "captions": ["a"]}).status_code == 202  # over 64 KiB: taken
     huge = "A" * (UPLOAD_LIMIT + 10)
     assert post({"image": huge, "captions": ["a"]}).status_code == 413
-    r = stack.post("/v1/generations", json={"prompt": "a" * 10, "pad": "A" * 100_000})
+    r = stack.post("/v1/generations", json={"prompt": "a" * 10, "pad": "A" * UPLOAD_LIMIT})
     assert r.status_code == 413
+    r = stack.post("/v1/images/generations", json={"prompt": "a" * 10, "pad": "A" * 100_000})
+    assert r.status_code == 413  # not an upload route: 64 KiB
 
 
 def test_idempotency_keys_are_scoped_by_kind(stack: httpx.Client) -> None:

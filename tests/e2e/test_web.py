@@ -7,10 +7,13 @@ submits a prompt from the keyboard and gets its images, downloads one, reproduce
 "same seed again", watches a long job's progress and live preview and cancels it, reloads
 (the history stays), and looks at the page on a phone-width screen. The finished page is
 saved as a screenshot: to the path in PROMPTPIX_SCREENSHOT when set (then with the demo
-model, for the README: `PROMPTPIX_SCREENSHOT=docs/screenshot.png`), else to a temp dir."""
+model, for the README: `PROMPTPIX_SCREENSHOT=docs/screenshot.png`), else to a temp dir.
+Then the Score panel (an upload and a generated image ranked against captions) and
+"continue from row N" on a finished image, each against a service of its own."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -425,3 +428,162 @@ def test_a_page_following_five_running_jobs_stays_within_the_rate_limit(
         context.close()
         for proc in reversed(procs):
             proc.stop()
+
+
+# ---- the Score panel and "continue from row N" ------------------------------------------
+
+def open_ready_page(browser: sync_api.Browser, service: Service,
+                    errors: list[str]) -> tuple[sync_api.BrowserContext, Page]:
+    """A page with the API key given and the worker up; JavaScript errors and anything the
+    Content-Security-Policy blocked are appended to `errors`."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(30_000)
+    page = context.new_page()
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda m: errors.append(m.text)
+            if "Content Security Policy" in m.text else None)
+    page.goto(service.url)
+    give_key_while_not_ready(page, service)
+    wait_until_ready(page)
+    return context, page
+
+
+def generate(page: Page, num_images: int, seed: int) -> tuple[str, Locator]:
+    """Submit PROMPT for `num_images` images with `seed`; the finished job's id and card."""
+    page.get_by_label("Prompt", exact=True).fill(PROMPT)
+    page.get_by_label("Number of images").fill(str(num_images))
+    page.get_by_label("Seed").fill(str(seed))
+    before = page.locator("[data-job-id]").count()
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("[data-job-id]")).to_have_count(before + 1)
+    job_id, job = newest_job(page)
+    expect(job.get_by_role("status")).to_have_text(f"Done: {num_images} images")
+    return job_id, job
+
+
+def api_png(service: Service, path: str) -> Image.Image:
+    """An image of the API (with the key), as the page would fetch it."""
+    import httpx
+
+    answer = httpx.get(service.url.rstrip("/") + path,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+    answer.raise_for_status()
+    return Image.open(io.BytesIO(answer.content)).convert("RGB")
+
+
+def check_score_result(page: Page, captions: list[str]) -> None:
+    """One bar per caption, most probable first, summing to 100 %, and the heatmap."""
+    expect(page.locator("#score-status")).to_have_text(f"Done: {len(captions)} captions ranked")
+    bars = page.get_by_role("list", name="Ranking, most probable first").get_by_role("listitem")
+    expect(bars).to_have_count(len(captions))
+    shown = bars.locator(".score-caption").all_text_contents()
+    assert sorted(shown) == sorted(captions), shown
+    values = bars.locator("meter").evaluate_all("ms => ms.map((m) => m.value)")
+    assert values == sorted(values, reverse=True), f"not ranked: {values}"
+    assert abs(sum(values) - 1) < 1e-6, f"probabilities sum to {sum(values)}"
+    percents = [float(t.replace("< 0.1 %", "0").rstrip(" %"))
+                for t in bars.locator(".score-percent").all_text_contents()]
+    assert abs(sum(percents) - 100) <= 0.1 * len(captions), percents
+    assert all("bits/dim" in t for t in bars.locator(".hint").all_text_contents())
+    expect(page.locator("#score-bpd")).to_contain_text("Without a caption: ")
+    heatmap = page.get_by_role("img", name="Surprise heatmap of the image under")
+    expect(heatmap).to_be_visible()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0",
+                           arg=heatmap.element_handle())
+
+
+def test_score_panel_ranks_captions_of_an_upload_and_of_a_generated_image(
+        browser: sync_api.Browser, service: Service, tmp_path: Path) -> None:
+    """An uploaded PNG (a shapes-dataset rendering) and a generated image are scored
+    against two captions each: two ranked bars summing to 100 %, bits/dim, the heatmap."""
+    from training.datasets.shapes import render
+
+    pixels, caption, _ = render(0, IMAGE_SIZE)
+    upload = tmp_path / "shape.png"
+    Image.fromarray(pixels).save(upload)
+    errors: list[str] = []
+    context, page = open_ready_page(browser, service, errors)
+    posted: list[dict] = []
+    page.on("request", lambda r: posted.append(r.post_data_json)
+            if r.method == "POST" and r.url.endswith("/v1/scores") else None)
+    try:
+        # Nothing chosen yet: the page says what is missing, next to the form.
+        page.get_by_role("button", name="Score", exact=True).click()
+        expect(page.locator("#score-error")).to_contain_text("Choose an image file")
+
+        page.get_by_label("Image file").set_input_files(upload)
+        expect(page.get_by_role("img", name="The image to score: shape.png")).to_be_visible()
+        captions = [caption, "a blue square"]
+        page.get_by_label("Captions").fill("\n".join(captions) + "\n\n")  # blank lines dropped
+        page.get_by_role("button", name="Score", exact=True).click()
+        check_score_result(page, captions)
+        assert posted[-1]["captions"] == captions
+        assert Image.open(io.BytesIO(base64.b64decode(posted[-1]["image"]))
+                          ).tobytes() == Image.open(upload).tobytes()
+
+        # A generated image, by reference: its card's "Score image 2" button.
+        job_id, job = generate(page, num_images=2, seed=11)
+        job.get_by_role("button", name="Score image 2").click()
+        expect(page.get_by_label("Captions")).to_be_focused()
+        expect(page.locator("#score-source-text")).to_have_text(f"Image 2 of “{PROMPT}”")
+        own = [PROMPT, "a green square"]
+        page.get_by_label("Captions").fill("\n".join(own))
+        page.get_by_label("Captions").press("Control+Enter")
+        check_score_result(page, own)
+        assert posted[-1] == {"job_id": job_id, "image_index": 1, "captions": own}
+        assert errors == [], errors
+    finally:
+        context.close()
+
+
+KEEP_ROWS = 5
+
+
+def test_continue_from_row_keeps_the_top_rows_of_the_picked_image(
+        browser: sync_api.Browser, service: Service) -> None:
+    """"Continue from row N" on image 2 of a finished job submits the same prompt and
+    settings with that image as `init_image` and `keep_rows: N`; every image of the new
+    job has exactly those top rows."""
+    errors: list[str] = []
+    context, page = open_ready_page(browser, service, errors)
+    posted: list[dict] = []
+    page.on("request", lambda r: posted.append(r.post_data_json)
+            if r.method == "POST" and r.url.endswith("/v1/generations") else None)
+    try:
+        source_id, source = generate(page, num_images=2, seed=5)
+        rows = source.get_by_label("Rows to keep")
+        expect(rows).to_have_value(str(IMAGE_SIZE // 2))
+        assert rows.get_attribute("max") == str(IMAGE_SIZE - 1)
+        rows.fill(str(IMAGE_SIZE))  # out of range: said in the card, nothing sent
+        source.get_by_role("button", name=f"Continue from row {IMAGE_SIZE}").click()
+        expect(source.get_by_role("alert")).to_contain_text(f"from 1 to {IMAGE_SIZE - 1}")
+        expect(rows).to_have_attribute("aria-invalid", "true")
+        assert len(posted) == 1  # the source job's
+        source.get_by_label("Image to continue").select_option(label="Image 2")
+        rows.fill(str(KEEP_ROWS))
+        source.get_by_role("button", name=f"Continue from row {KEEP_ROWS}").click()
+
+        page.wait_for_function(  # a new card, or the card says why not
+            "() => document.querySelectorAll('[data-job-id]').length === 2"
+            " || !document.querySelector('.job-error').hidden")
+        assert len(posted) == 2, "nothing was submitted"
+        body = posted[-1]
+        assert body["keep_rows"] == KEEP_ROWS and body["prompt"] == PROMPT
+        assert body["num_images"] == 2 and "seed" not in body
+        picked = api_png(service, f"/v1/generations/{source_id}/images/1.png")
+        sent = Image.open(io.BytesIO(base64.b64decode(body["init_image"])))
+        assert sent.convert("RGB").tobytes() == picked.tobytes()
+
+        expect(source.locator(".job-error")).to_be_hidden()
+        new_id, new = newest_job(page)
+        assert new_id != source_id
+        expect(new.get_by_role("status")).to_have_text("Done: 2 images")
+        expect(new.locator(".job-meta")).to_contain_text(f"continued from row {KEEP_ROWS}")
+        expect(new.get_by_role("button", name="Same seed again")).to_be_hidden()
+        top = (0, 0, IMAGE_SIZE, KEEP_ROWS)
+        for n in range(2):
+            image = api_png(service, f"/v1/generations/{new_id}/images/{n}.png")
+            assert image.crop(top).tobytes() == picked.crop(top).tobytes(), f"image {n}"
+        assert errors == [], errors
+    finally:
+        context.close()

@@ -93,7 +93,7 @@ def test_key_comparison_is_constant_time() -> None:
     assert not re.search(r"given\s*(==|!=|in)\s", src), src
     assert not re.search(r"\bin\s+keys\b", src.replace("for key in keys", "")), src
     # Job ownership compares key hashes the same way.
-    assert "compare_digest" in inspect.getsource(deps.find_job)
+    assert "compare_digest" in inspect.getsource(deps.owned_job)
 
 
 @pytest.mark.parametrize("program", ["app.serve", "worker.runtime"])

@@ -75,7 +75,8 @@ def test_huge_body_of_many_small_fields(c: TestClient) -> None:
 
 
 def test_huge_body_just_over_the_limit(c: TestClient) -> None:
-    raw = b'{"prompt": "' + b"a" * (64 * 1024) + b'"}'
+    # /v1/generations takes uploads: its limit is PROMPTPIX_MAX_UPLOAD_BYTES (4 MiB).
+    raw = b'{"prompt": "' + b"a" * (4 * 1024 * 1024) + b'"}'
     error_of(c.post(URL, content=raw, headers=JSON), 413, "payload_too_large")
 
 

@@ -60,7 +60,10 @@ class Submitter:
 def _restarts(tmp: Path, checkpoint: Path, persist: bool, outages: list[float]) -> dict:
     rs = RedisServer(persist=persist).start()
     port = free_port()
-    api = start_api(rs.url, port, tmp / "api.log", PROMPTPIX_RATE_LIMIT="0")
+    # Rate limit and per-caller cap off: the submitter outpaces the worker on purpose (a
+    # backlog across the outages), and this test is about restarts, not quotas.
+    api = start_api(rs.url, port, tmp / "api.log", PROMPTPIX_RATE_LIMIT="0",
+                    PROMPTPIX_MAX_QUEUED_PER_KEY="0")
     worker = start_worker(rs.url, checkpoint, tmp / "worker.log")
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     sub = Submitter(http)

@@ -15,6 +15,7 @@ from worker.protocol import (
     Keys,
     PayloadError,
     Settings,
+    liveness,
     parse_payload,
     reap_once,
     rq_job_id,
@@ -142,12 +143,13 @@ def test_live_workers_and_models(store: JobStore) -> None:
 def test_model_registry_names_and_conflicts(redis_url: str) -> None:
     """Issue 17 phase B: models registered for good, checked by checksum, resolved by
     name, alias, default or as the only one."""
-    from worker.protocol import ModelConflict, ModelNotFound, ModelRequired
+    from worker.protocol import ModelConflict, ModelNotFound, ModelRequired, NoModelRegistered
 
     s = Settings(redis_url=redis_url, model_aliases="dall-e-3=a")
     store = JobStore(redis.Redis.from_url(redis_url), s)
-    with pytest.raises(ModelRequired, match="none is registered"):
-        store.resolve_model(None)
+    for requested in (None, "a"):  # nothing known yet: not ready, rather than a bad request
+        with pytest.raises(NoModelRegistered, match="no model is registered yet"):
+            store.resolve_model(requested)
     store.register_model({"id": "a", "checksum": "c1", "num_classes": 0})
     assert store.resolve_model(None)["id"] == "a"  # the only one
     store.register_model({"id": "a", "checksum": "c1", "num_classes": 3})  # same weights
@@ -250,7 +252,7 @@ def test_caller_cap_counts_waiting_jobs_only(redis_url: str) -> None:
 
 
 def test_admitted_job_without_queue_entry_is_enqueued_by_the_reaper(store: JobStore) -> None:
-    """The API dying between admission and the RQ write leaves no job behind forever."""
+    """A queued job whose RQ entry went missing is not left behind forever."""
     job_id, _ = store.create_job(params())
     store.r.delete(f"rq:job:{rq_job_id(job_id, 1)}")
     store.r.lrem(store.queue.key, 0, rq_job_id(job_id, 1))
@@ -288,3 +290,20 @@ def test_reaper_and_orphan_sweep_requeue_on_the_job_s_own_model_queue(redis_url:
         job = api.get(job_id)
         assert job is not None and api.queue_position(job) is not None
     assert api.queue_depths() == {"m1": 0, "m2": 2}
+
+
+def test_the_lost_entry_sweep_walks_a_large_backlog_in_bounded_batches(
+        store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each sweep checks at most NEVER_ENQUEUED_BATCH queued jobs, resuming where the last
+    one stopped, so a job deep in a large backlog is still found (in a later sweep)."""
+    monkeypatch.setattr(liveness, "NEVER_ENQUEUED_BATCH", 3)
+    ids = [store.create_job(params(n))[0] for n in range(7)]
+    lost = ids[5]
+    store.r.delete(f"rq:job:{rq_job_id(lost, 1)}")
+    store.r.lrem(store.queue.key, 0, rq_job_id(lost, 1))
+    for n, job_id in enumerate(ids):  # admitted a minute ago, oldest first
+        store.r.zadd(Keys.queued, {job_id: time.time() - 60 + n})
+    found = [store.reap_orphans() for _ in range(3)]  # jobs 0-2, 3-5, then 6
+    assert found == [[], [(lost, "enqueued (admitted, its queue entry never written)")], []]
+    assert store.get(lost).attempt == 2
+    assert store.reap_orphans() == []  # wrapped around: nothing else is lost

@@ -4,6 +4,7 @@
 error codes, payload validation, the job store and the reaper.
 """
 
+from .connection import async_redis_connection
 from .reaper import Periodic, reap_once, start_reaper
 from .record import JobRecord
 from .schema import (
@@ -49,6 +50,7 @@ from .store import (
     ModelConflict,
     ModelNotFound,
     ModelRequired,
+    NoModelRegistered,
     QueueFull,
     QuotaExceeded,
     Requeue,
@@ -84,6 +86,7 @@ __all__ = [
     "ModelConflict",
     "ModelNotFound",
     "ModelRequired",
+    "NoModelRegistered",
     "PayloadError",
     "Periodic",
     "ProtocolError",
@@ -96,6 +99,7 @@ __all__ = [
     "Settings",
     "Transition",
     "WebhookEvent",
+    "async_redis_connection",
     "canonical_json",
     "describe_settings_error",
     "get_settings",

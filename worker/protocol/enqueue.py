@@ -1,15 +1,14 @@
-"""Admission: a submission becomes a queued job in one Redis step (`scripts.ADMIT`), then
-its RQ entry is written."""
+"""Admission: a submission becomes a queued job, RQ entry included, in one Redis step
+(`scripts.ADMIT`); `prepare_job` builds that step without I/O, so the API can send it
+over its asyncio client."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
-
-import redis
 
 from .base import StoreBase, _s
 from .record import JobRecord
@@ -25,14 +24,46 @@ from .schema import (
     ScoreParams,
     rq_job_id,
 )
+from .settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A submission ready for `scripts.ADMIT`: the job as it will be stored, and the
+    script's keys and arguments (the RQ entry's writes included)."""
+
+    job: JobRecord
+    keys: list[str]
+    args: list[Any]
+    cap: int  # the caller's cap on waiting jobs (0: uncapped)
+
+
+def admission_outcome(out: list[Any], prepared: PreparedJob,
+                      settings: Settings) -> tuple[str, bool]:
+    """(job id, created) from `scripts.ADMIT`'s answer; refusals raise `IdempotencyConflict`,
+    `QueueFull` or `QuotaExceeded`."""
+    outcome, found = Admission(_s(out[0])), _s(out[1]) or ""
+    if outcome is Admission.EXISTING:
+        return found, False
+    if outcome is Admission.CONFLICT:
+        raise IdempotencyConflict(found)
+    if outcome is Admission.QUEUE_FULL:
+        raise QueueFull(f"{settings.max_queue} jobs are waiting "
+                        "(PROMPTPIX_MAX_QUEUE); retry later")
+    if outcome is Admission.QUOTA_EXCEEDED:
+        raise QuotaExceeded(f"{prepared.cap} jobs of this caller are waiting "
+                            "(PROMPTPIX_MAX_QUEUED_PER_KEY); retry when one has started")
+    job = prepared.job
+    logger.info("%s job %s queued (owner %s)", job.kind.value, job.id, job.owner[:8] or "-")
+    return found, True
 
 
 class EnqueueOps(StoreBase):
     """Creating jobs under the queue caps and the Idempotency-Key."""
 
-    def create_job(
+    def prepare_job(
         self,
         params: GenerationParams | ScoreParams,
         owner: str = "",
@@ -41,21 +72,14 @@ class EnqueueOps(StoreBase):
         quota_who: str = "",
         webhook: tuple[str, list[str]] | None = None,
         upload: bytes | None = None,
-    ) -> tuple[str, bool]:
-        """Admit and enqueue a job; return (job id, created).
+    ) -> PreparedJob:
+        """Everything `scripts.ADMIT` needs to admit and enqueue a job, without a round
+        trip (but RQ's one read of the server version per queue, and the model lookup of a
+        `params.model` of None).
 
-        One Redis step decides (`scripts.ADMIT`): with `idempotency` = (idempotency key
-        name, body hash), an earlier live job under that key is returned first (created
-        False) when its body hash matches, and a different body raises
-        `IdempotencyConflict`; then `QueueFull` past PROMPTPIX_MAX_QUEUE waiting jobs, and
-        `QuotaExceeded` past PROMPTPIX_MAX_QUEUED_PER_KEY waiting jobs of `quota_who` (the
-        caller's key or address; '' = not capped), counting the jobs of every model. The
-        RQ entry follows on the queue of `params.model` (None: this store's model, else
-        the default or only registered one, else `ModelRequired`); if that write fails, the
-        admission is undone. `webhook` = (URL, events) has the job's transitions append
-        those events (`WebhookEvent` values) to the webhook stream. `ScoreParams` make a
-        `score` job (on its model's queue too); `upload` (the submitted image) is stored
-        beside the job, in the RQ entry's step.
+        The RQ entry is built by RQ itself against a pipeline that is never sent: its
+        recorded writes travel in the script's arguments, which replays them once the job
+        is admitted, so admission and entry are one atomic step (no undo, no orphan).
         """
         kind = JobKind.SCORE if isinstance(params, ScoreParams) else JobKind.GENERATE
         if params.model is None:  # the API always names it; `resolve_model` as it would
@@ -66,55 +90,52 @@ class EnqueueOps(StoreBase):
         job_id = uuid.uuid4().hex
         cap = self.settings.max_queued_per_key if quota_who else 0
         quota_key = Keys.queued_by(quota_who) if cap else ""
-        fields = JobRecord(
+        now = time.time()
+        job = JobRecord(
             id=job_id, status=JobStatus.QUEUED, attempt=1, retries=0,
             rq_id=rq_job_id(job_id, 1), owner=owner, params=params_dict,
-            created_at=time.time(), idem=idempotency[0] if idempotency else "",
+            created_at=now, idem=idempotency[0] if idempotency else "",
             test_hooks=test_hooks or None, quota=quota_key, kind=kind,
             webhook=webhook[0] if webhook else "",
             webhook_events=tuple(webhook[1]) if webhook else (),
-        ).new_hash()
+        )
+        fields = [x for kv in job.new_hash().items() for x in kv]
+        with self.r.pipeline(transaction=False) as recorder:
+            self._enqueue(recorder, job_id, 1, params_dict, test_hooks, at_front=False,
+                          kind=kind)
+            if upload is not None:  # the entry never exists without it
+                recorder.set(Keys.upload(job_id), upload, ex=ttl)
+            writes = [x for args, _ in recorder.command_stack for x in (len(args), *args)]
         job_key = Keys.job(job_id)
-        out = self._admit(
+        return PreparedJob(
+            job=job, cap=cap,
             keys=[idempotency[0] if idempotency else job_key, job_key, Keys.queued,
                   quota_key or job_key, Keys.owner_jobs(owner)],
             args=["1" if idempotency else "", idempotency[1] if idempotency else "", job_id,
-                  repr(time.time()), ttl, self.settings.max_queue, cap,
-                  *[x for kv in fields.items() for x in kv]],
+                  repr(now), ttl, self.settings.max_queue, cap, len(fields), *fields,
+                  *writes],
         )
-        outcome, found = Admission(_s(out[0])), _s(out[1]) or ""
-        if outcome is Admission.EXISTING:
-            return found, False
-        if outcome is Admission.CONFLICT:
-            raise IdempotencyConflict(found)
-        if outcome is Admission.QUEUE_FULL:
-            raise QueueFull(f"{self.settings.max_queue} jobs are waiting "
-                            "(PROMPTPIX_MAX_QUEUE); retry later")
-        if outcome is Admission.QUOTA_EXCEEDED:
-            raise QuotaExceeded(f"{cap} jobs of this caller are waiting "
-                                "(PROMPTPIX_MAX_QUEUED_PER_KEY); retry when one has started")
-        try:
-            with self.r.pipeline() as pipe:
-                self._enqueue(pipe, job_id, 1, params_dict, test_hooks, at_front=False,
-                              kind=kind)
-                if upload is not None:  # in RQ's MULTI: the entry never exists without it
-                    pipe.set(Keys.upload(job_id), upload, ex=ttl)
-                pipe.execute()
-        except redis.RedisError:
-            # Undo the admission (best effort: a crash here leaves a `queued` job without an
-            # entry, which the reaper's orphan sweep enqueues).
-            with contextlib.suppress(redis.RedisError), self.r.pipeline() as pipe:
-                pipe.delete(job_key, Keys.upload(job_id))
-                pipe.zrem(Keys.queued, job_id)
-                pipe.zrem(Keys.owner_jobs(owner), job_id)
-                if quota_key:
-                    pipe.zrem(quota_key, job_id)
-                if idempotency:
-                    pipe.delete(idempotency[0])
-                pipe.execute()
-            raise
-        logger.info("%s job %s queued (owner %s)", kind.value, job_id, owner[:8] or "-")
-        return job_id, True
+
+    def create_job(self, params: GenerationParams | ScoreParams,
+                   **options: Any) -> tuple[str, bool]:
+        """Admit and enqueue a job; return (job id, created).
+
+        One Redis step decides and writes (`scripts.ADMIT`): with `idempotency` = (key
+        name, body hash), an earlier live job under that key is returned first (created
+        False) when its body hash matches, and a different body raises
+        `IdempotencyConflict`; then `QueueFull` past PROMPTPIX_MAX_QUEUE waiting jobs, and
+        `QuotaExceeded` past PROMPTPIX_MAX_QUEUED_PER_KEY waiting jobs of `quota_who` (the
+        caller's key or address; '' = not capped), counting the jobs of every model. The
+        RQ entry goes on the queue of `params.model` (None: this store's model, else the
+        default or only registered one, else `ModelRequired`). `webhook` = (URL, events)
+        has the job's transitions append those events (`WebhookEvent` values) to the
+        webhook stream. `ScoreParams` make a `score` job (on its model's queue too);
+        `upload` (the submitted image) is stored beside the job. `options` are
+        `prepare_job`'s.
+        """
+        prepared = self.prepare_job(params, **options)
+        out = self._admit(keys=prepared.keys, args=prepared.args)
+        return admission_outcome(out, prepared, self.settings)
 
     def list_jobs(self, owner: str, limit: int, cursor: tuple[float, str] | None = None,
                   status: str | None = None, scan: int = 1000,

@@ -21,6 +21,7 @@ from .transitions import TransitionOps
 logger = logging.getLogger(__name__)
 
 WORKER_FORGET_S = 3600  # names of workers silent this long leave the `workers` zset
+NEVER_ENQUEUED_BATCH = 256  # queued jobs one reaper sweep checks for a lost RQ entry
 
 
 class LivenessOps(TransitionOps):
@@ -124,16 +125,30 @@ class LivenessOps(TransitionOps):
         return done + self._reap_never_enqueued(now - grace)
 
     def _reap_never_enqueued(self, before: float) -> list[tuple[str, str]]:
-        """Enqueue admitted jobs whose RQ entry was never written (the API died between
-        admission and enqueue, or undoing a failed enqueue failed too)."""
-        ids = [_s(x) or "" for x in self.r.zrangebyscore(Keys.queued, "-inf", before)]
-        if not ids:
-            return []
+        """Enqueue admitted jobs whose RQ entry is missing. Admission writes the entry in
+        its own step (`scripts.ADMIT`), so this is the net for an entry lost otherwise (a
+        job admitted by an API from before that, an entry deleted by hand).
+
+        A sweep checks at most `NEVER_ENQUEUED_BATCH` jobs, walking the queued set (by
+        admission time) from where the previous sweep stopped and wrapping around: a
+        backlog of any size costs the same per sweep and is covered in len / batch sweeps.
+        """
+        cursor_key = f"{Keys.queued}:cursor"
+        cursor = _s(self.r.get(cursor_key))
+        found = self.r.zrangebyscore(Keys.queued, f"({cursor}" if cursor else "-inf", before,
+                                     start=0, num=NEVER_ENQUEUED_BATCH, withscores=True)
+        if len(found) < NEVER_ENQUEUED_BATCH:
+            self.r.delete(cursor_key)  # the end: the next sweep starts again from the oldest
+        else:
+            self.r.set(cursor_key, repr(found[-1][1]))
+        ids = [_s(job_id) or "" for job_id, _ in found]
         with self.r.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hgetall(Keys.job(job_id))
-            jobs = [JobRecord.from_hash(raw) for raw in pipe.execute() if raw]
-        candidates = [(j.id, j.rq_id) for j in jobs if j.status is JobStatus.QUEUED and j.rq_id]
+                pipe.hmget(Keys.job(job_id), "status", "rq_id")
+            fields = pipe.execute()
+        candidates = [(job_id, _s(rq_id) or "")
+                      for job_id, (status, rq_id) in zip(ids, fields, strict=True)
+                      if _s(status) == JobStatus.QUEUED.value and rq_id]
         with self.r.pipeline(transaction=False) as pipe:
             for _, rq_id in candidates:
                 pipe.exists(Job.key_for(rq_id))

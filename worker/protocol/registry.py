@@ -9,6 +9,7 @@ from typing import Any
 
 from .base import StoreBase, _s
 from .schema import Keys, ProtocolError
+from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,12 @@ class ModelConflict(ProtocolError):
 
 class ModelRequired(ProtocolError):
     """A request names no model, and there is no default nor a single registered one."""
+
+
+class NoModelRegistered(ProtocolError):
+    """No model is registered nor declared yet: the service is not ready (no worker has
+    started, or a Redis restart without persistence lost the registry until the workers'
+    next heartbeat registers them again). Temporary, unlike `ModelRequired`."""
 
 
 class ModelNotFound(ProtocolError):
@@ -48,37 +55,50 @@ class RegistryOps(StoreBase):
     def models(self) -> list[dict[str, Any]]:
         """Facts of every registered model, then `{"id": name}` for each declared one that
         no worker has loaded yet; sorted by id."""
-        out = {(_s(k) or ""): json.loads(v) for k, v in self.r.hgetall(Keys.models).items()}
-        for name in self.settings.declared_models:
-            out.setdefault(name, {"id": name})
-        return [out[k] for k in sorted(out)]
+        known = model_facts(self.r.hgetall(Keys.models), self.settings)
+        return [known[k] for k in sorted(known)]
 
     def resolve_model(self, requested: str | None) -> dict[str, Any]:
-        """The facts of the model a request means (`{"id": name}` alone when declared but
-        never loaded).
+        """`resolve_in` over the registry as it is now (reads Redis)."""
+        return resolve_in(model_facts(self.r.hgetall(Keys.models), self.settings),
+                          requested, self.settings)
 
-        `requested` may be an alias (PROMPTPIX_MODEL_ALIASES); None means
-        PROMPTPIX_DEFAULT_MODEL, else the only known model. Raises `ModelRequired` or
-        `ModelNotFound` naming the known models.
-        """
-        known = {m["id"]: m for m in self.models()}
-        if requested is None:
-            name = self.settings.default_model
-            if name is None:
-                if len(known) != 1:
-                    raise ModelRequired(
-                        "name a model: " + (", ".join(sorted(known)) or "none is registered "
-                                            "yet (start a worker or set PROMPTPIX_MODELS)"))
-                name = next(iter(known))
-        else:
-            name = self.settings.alias_map.get(requested, requested)
-            by_checksum = [m["id"] for m in known.values() if m.get("checksum") == name]
-            if name not in known and by_checksum:
-                name = by_checksum[0]  # the content hash names its model too
-        if name not in known:
-            aliases = ", ".join(f"{a}={b}" for a, b in self.settings.alias_map.items())
-            raise ModelNotFound(
-                f"model {name!r} is not known here; models: "
-                f"{', '.join(sorted(known)) or 'none'}"
-                + (f" (aliases: {aliases})" if aliases else ""))
-        return known[name]
+
+def model_facts(registry: dict[Any, Any], settings: Settings) -> dict[str, dict[str, Any]]:
+    """Facts by model id, from the registry hash (HGETALL's answer) and PROMPTPIX_MODELS."""
+    out = {(_s(k) or ""): json.loads(v) for k, v in registry.items()}
+    for name in settings.declared_models:
+        out.setdefault(name, {"id": name})
+    return out
+
+
+def resolve_in(known: dict[str, dict[str, Any]], requested: str | None,
+               settings: Settings) -> dict[str, Any]:
+    """The facts of the model a request means among `known` (`{"id": name}` alone when
+    declared but never loaded).
+
+    `requested` may be an alias (PROMPTPIX_MODEL_ALIASES); None means
+    PROMPTPIX_DEFAULT_MODEL, else the only known model. Raises `ModelRequired` or
+    `ModelNotFound` naming the known models, `NoModelRegistered` when none is known.
+    """
+    if not known:
+        raise NoModelRegistered("no model is registered yet (start a worker, or set "
+                                "PROMPTPIX_MODELS); retry later")
+    if requested is None:
+        name = settings.default_model
+        if name is None:
+            if len(known) != 1:
+                raise ModelRequired("name a model: " + ", ".join(sorted(known)))
+            name = next(iter(known))
+    else:
+        name = settings.alias_map.get(requested, requested)
+        by_checksum = [m["id"] for m in known.values() if m.get("checksum") == name]
+        if name not in known and by_checksum:
+            name = by_checksum[0]  # the content hash names its model too
+    if name not in known:
+        aliases = ", ".join(f"{a}={b}" for a, b in settings.alias_map.items())
+        raise ModelNotFound(
+            f"model {name!r} is not known here; models: "
+            f"{', '.join(sorted(known)) or 'none'}"
+            + (f" (aliases: {aliases})" if aliases else ""))
+    return known[name]

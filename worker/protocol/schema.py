@@ -34,6 +34,7 @@ MAX_TOLERANCE = 0.5  # outlier share of a sub-pixel's distribution; more would b
 # pays at most -log2(0.99) = 0.015 bits more (see docs/likelihood.md).
 DEFAULT_TOLERANCE = 0.01
 MAX_BEST_OF_FACTOR = 4  # best_of may sample up to 4x num_images
+MAX_KEEP_ROWS = 4096  # schema bound of keep_rows; the exact one is the model's rows - 1
 PROGRESS_MIN_INTERVAL_S = 0.25  # progress + preview written at most 4x a second
 HEARTBEAT_TTL_FACTOR = 3  # a worker key lives 3 heartbeat intervals (5 s -> 15 s)
 
@@ -178,7 +179,8 @@ class Keys:
 
     @staticmethod
     def upload(job_id: str) -> str:
-        """The image a score job was submitted with (never echoed in its view)."""
+        """The image a score job or a completion was submitted with (never echoed in its
+        view)."""
         return f"{KEY_PREFIX}:job:{job_id}:upload"
 
     @staticmethod
@@ -221,6 +223,13 @@ class SamplingParams(BaseModel):
     class_label: int | None = Field(None, ge=0, lt=MAX_CLASS_LABEL)
     model: str | None = Field(None, pattern=MODEL_NAME_PATTERN,
                               description="model id (see GET /v1/models); null = the default")
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS,
+        description="guidance steers away from it (its conditional takes the unconditional "
+                    "branch's place); null or empty = plain guidance; no effect at scale 1")
+    keep_rows: int | None = Field(
+        None, ge=1, le=MAX_KEEP_ROWS,
+        description="with init_image: its top rows every image keeps (1..rows-1 of the model)")
 
     @field_validator("prompt")
     @classmethod
@@ -247,6 +256,8 @@ class GenerationParams(SamplingParams):
     best_of: int | None = Field(None, ge=1, le=MAX_IMAGES,
                                 description="sample this many, keep the num_images most "
                                             "probable (null = num_images)")
+    has_init_image: bool = Field(False, description="an init image is stored beside the job "
+                                                    "(Keys.upload); keep_rows says how much")
 
     @property
     def samples(self) -> int:

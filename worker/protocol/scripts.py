@@ -175,10 +175,13 @@ return $T_OK
 # started or expired without passing through a transition that removes them).
 # The job joins its owner's index (newest-first listing), from which entries older than
 # the result TTL are trimmed.
+# Then the RQ entry's writes, recorded by RQ (`EnqueueOps.prepare_job`), are replayed: the
+# entry exists exactly when the job does.
 # KEYS: idem key (or the job key when there is none), job hash, queued zset, caller's zset
 # (or the job key when uncapped), owner's index.
 # ARGV: idem? ('1'/''), body hash, job id, now, ttl, max queue, caller cap (0 = none),
-#       then the job hash's fields and values.
+#       n = the count of the job hash's fields and values, those n, then the RQ writes:
+#       each as its argument count followed by the command and its arguments.
 ADMIT = _lua("""
 if ARGV[1] == '1' then
   local found = redis.call('GET', KEYS[1])
@@ -203,9 +206,8 @@ end
 local max_queue, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
 if waiting(KEYS[3], max_queue) >= max_queue then return {$A_QUEUE_FULL, ''} end
 if cap > 0 and waiting(KEYS[4], cap) >= cap then return {$A_QUOTA_EXCEEDED, ''} end
-local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[2], unpack(fields))
+local nf = tonumber(ARGV[8])
+redis.call('HSET', KEYS[2], unpack(ARGV, 9, 8 + nf))
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
@@ -218,5 +220,30 @@ end
 if ARGV[1] == '1' then
   redis.call('SET', KEYS[1], ARGV[3] .. ':' .. ARGV[2], 'EX', ARGV[5])
 end
+local i = 9 + nf
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
 return {$A_CREATED, ARGV[3]}
+""")
+
+# A status read in one step: the job hash and, while it waits, its attempt's position in
+# its model's RQ queue (-1: not in it, e.g. just popped by a worker; or no model named).
+# KEYS: job hash. ARGV: the RQ queue key prefix of generation queues (`rq:queue:generate:`).
+# Returns {HGETALL's flat list, position}.
+STATUS = _lua("""
+local raw = redis.call('HGETALL', KEYS[1])
+local f = {}
+for i = 1, #raw, 2 do f[raw[i]] = raw[i + 1] end
+local pos = -1
+if f['status'] == $S_QUEUED and f['params'] then
+  local ok, params = pcall(cjson.decode, f['params'])
+  if ok and type(params) == 'table' and type(params['model']) == 'string'
+      and params['model'] ~= '' then
+    pos = redis.call('LPOS', ARGV[1] .. params['model'], f['rq_id']) or -1
+  end
+end
+return {raw, pos}
 """)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .connection import redis_connection, storage_full
 from .enqueue import EnqueueOps
 from .liveness import WORKER_FORGET_S, LivenessOps
-from .registry import ModelConflict, ModelNotFound, ModelRequired, RegistryOps
+from .registry import ModelConflict, ModelNotFound, ModelRequired, NoModelRegistered, RegistryOps
 from .schema import IdempotencyConflict, QueueFull, QuotaExceeded
 from .transitions import Requeue
 
@@ -21,5 +21,5 @@ class JobStore(EnqueueOps, LivenessOps, RegistryOps):
 
 
 __all__ = ["WORKER_FORGET_S", "IdempotencyConflict", "JobStore", "ModelConflict",
-           "ModelNotFound", "ModelRequired", "QueueFull", "QuotaExceeded", "Requeue",
-           "redis_connection", "storage_full"]
+           "ModelNotFound", "ModelRequired", "NoModelRegistered", "QueueFull",
+           "QuotaExceeded", "Requeue", "redis_connection", "storage_full"]
