@@ -106,6 +106,10 @@ class TrainConfig:
     cond_drop_prob: float = _opt(
         0.1, "probability of dropping the condition (classifier-free guidance)", min=0.0, max=1.0
     )
+    label_drop_prob: float = _opt(
+        0.0, "class models: probability of dropping only the class label (the caption "
+        "stays), so that a caption alone conditions too", min=0.0, max=1.0
+    )
     seed: int = _opt(1337, "random seed (data order, init, condition dropout)")
     # --- evaluation, samples, checkpoints ---------------------------------------------
     checkpoint_dir: str = _opt("./checkpoints_llm", "where checkpoints and logs go")

@@ -158,25 +158,30 @@ def shapes_alignment(model: Any, scale: float, args: argparse.Namespace,
             "example_prompts": prompts[:3]}
 
 
-def _features(images: torch.Tensor) -> np.ndarray:
+def pixel_features(images: torch.Tensor) -> np.ndarray:
+    """uint8 [N, C, H, W] -> float [N, C*H*W] in [0, 1], the classifier's input."""
     return images.reshape(len(images), -1).float().numpy() / 255.0
+
+
+def fit_classifier(images: torch.Tensor, labels: np.ndarray | torch.Tensor) -> Any:
+    """scikit-learn logistic regression on raw pixels (the CAS classifier)."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=2000).fit(pixel_features(images), np.asarray(labels))
 
 
 def train_classifier(train_ds: Any, val_ds: Any, limit: int = 5000) -> tuple[Any, float]:
     """Logistic regression on real training pixels; returns it and its real val accuracy."""
-    from sklearn.linear_model import LogisticRegression
-
     from .data import collate
 
-    def load(ds: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(ds: Any, n: int) -> tuple[torch.Tensor, np.ndarray]:
         idx = np.random.default_rng(0).permutation(len(ds))[: min(n, len(ds))]
         images, _, labels = collate([ds[int(i)] for i in idx])
-        return _features(images), labels.numpy()
+        return images, labels.numpy()
 
-    x, y = load(train_ds, limit)
-    clf = LogisticRegression(max_iter=2000).fit(x, y)
+    clf = fit_classifier(*load(train_ds, limit))
     xv, yv = load(val_ds, limit)
-    return clf, float((clf.predict(xv) == yv).mean())
+    return clf, float((clf.predict(pixel_features(xv)) == yv).mean())
 
 
 def class_prompts(ds: Any, n: int) -> tuple[list[str], list[int]]:
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             cls = labels if model.config.num_classes else None
             for g in scales:
                 images = _generate(model, prompts, cls, g, args)
-                acc = float((clf.predict(_features(images)) == np.array(labels)).mean())
+                acc = float((clf.predict(pixel_features(images)) == np.array(labels)).mean())
                 rows[f"{g:g}"] = {"classification_accuracy_score": acc, "n": len(labels)}
         result["by_guidance_scale"] = rows
         if args.set_default_guidance:

@@ -30,6 +30,21 @@ from .trainer_eval import EvalMixin
 log = logging.getLogger(__name__)
 
 
+def drop_conditions(captions: list[str], labels: torch.Tensor, p: float, q: float,
+                    gen: torch.Generator) -> tuple[list[str], torch.Tensor]:
+    """Classifier-free guidance training: with probability `p` an example's condition is
+    dropped (caption "" and class -1, the unconditional input); with probability `q` a
+    kept one also loses its class label (the caption stays), so that a class model follows
+    a caption alone. Draws nothing from `gen` for a probability of 0."""
+    if p > 0:
+        drop = torch.rand(len(captions), generator=gen) < p  # [B]
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        labels = labels.masked_fill(drop, -1)
+    if q > 0:
+        labels = labels.masked_fill(torch.rand(len(captions), generator=gen) < q, -1)
+    return captions, labels
+
+
 class Trainer(EvalMixin):
     def __init__(self, cfg: TrainConfig, dist_info: D.DistInfo) -> None:
         self.cfg, self.d = cfg, dist_info
@@ -257,13 +272,8 @@ class Trainer(EvalMixin):
 
     def _drop_conditions(self, captions: list[str], labels: torch.Tensor
                          ) -> tuple[list[str], torch.Tensor]:
-        """Classifier-free guidance training: the unconditional input is "" and class -1."""
-        p = self.cfg.cond_drop_prob
-        if p <= 0:
-            return captions, labels
-        drop = torch.rand(len(captions), generator=self.cond_gen) < p  # [B]
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        return captions, labels.masked_fill(drop, -1)
+        return drop_conditions(captions, labels, self.cfg.cond_drop_prob,
+                               self.cfg.label_drop_prob, self.cond_gen)
 
     def train_step(self, images: torch.Tensor, captions: list[str], labels: torch.Tensor
                    ) -> None:

@@ -116,7 +116,7 @@ def test_up_names_the_demo_checkpoint_and_how_to_train_one(
     twin.parent.mkdir()
     twin.write_bytes(b"x")
     with pytest.raises(launcher.LaunchError, match="would all be model 'shapes16'"):
-        launcher.model_names([found[0], twin], {})
+        launcher.model_names([ROOT / launcher.DEMO_CHECKPOINT, twin], {})
 
 
 def test_up_refuses_a_busy_port(tmp_path: Path, checkpoint: Path) -> None:

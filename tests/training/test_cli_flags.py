@@ -69,6 +69,7 @@ def test_sample_prompts_list() -> None:
     (["--lr", "-1"], "--lr"),
     (["--lr", "nan"], "--lr"),
     (["--cond_drop_prob", "1.5"], "--cond_drop_prob"),
+    (["--label_drop_prob", "-0.1"], "--label_drop_prob"),
     (["--ema", "1"], "--ema"),
     (["--dataset", "mnist"], "--dataset"),
     (["--tokenizer", "gpt9"], "--tokenizer"),

@@ -299,7 +299,7 @@ def test_unreadable_image_at_load_time_names_the_file(tmp_path: Path) -> None:
 
 def test_digits_are_the_bundled_real_digits() -> None:
     train, val = build_dataset("digits", None, 8), build_dataset("digits", None, 8, "val")
-    assert (len(train), len(val)) == (1500, 297)
+    assert (len(train), len(val)) == (1350, 150)
     assert (train.channels, train.num_classes, train.class_names[3]) == (1, 10, "3")
     image, caption, label = val[0]
     check_item(val[0], 8, channels=1)
@@ -307,3 +307,20 @@ def test_digits_are_the_bundled_real_digits() -> None:
     pixels = torch.stack([train[i][0] for i in range(200)])
     assert pixels.max() == 255 and pixels.min() == 0
     check_item(build_dataset("digits", None, 16)[0], 16, channels=1)
+
+
+def test_digits_test_split_is_the_last_297_and_unseen_by_train_and_val() -> None:
+    from training.datasets.digits import load_digit_images, split_indices
+
+    images, labels = load_digit_images()
+    parts = {s: split_indices(len(images), s) for s in ("train", "val", "test")}
+    assert {s: len(v) for s, v in parts.items()} == {"train": 1350, "val": 150, "test": 297}
+    assert parts["test"] == list(range(1500, 1797))
+    assert sorted(parts["train"] + parts["val"]) == list(range(1500))  # disjoint, all of them
+    assert not set(parts["test"]) & set(parts["train"] + parts["val"])
+    test = build_dataset("digits", None, 8, "test")
+    assert len(test) == 297 and (test.images == images[1500:]).all()
+    assert [test[i][2] for i in range(297)] == labels[1500:].tolist()
+    assert set(labels[parts["val"]]) == set(range(10))  # every class is validated
+    with pytest.raises(DatasetError, match="split must be one of"):
+        build_dataset("digits", None, 8, "holdout")

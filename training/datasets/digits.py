@@ -1,7 +1,8 @@
 """scikit-learn's bundled 1,797 real 8x8 handwritten digits: grey, offline, labelled.
 
-Pixel values 0..16 are scaled to 0..255. The split is fixed: the first 1,500 images are
-train, the last 297 val.
+Pixel values 0..16 are scaled to 0..255. The splits are fixed: the last 297 images are
+`test`, which neither training nor checkpoint selection sees; `val` is every 10th of the
+first 1,500 (150 images) and `train` the other 1,350.
 """
 
 from __future__ import annotations
@@ -13,9 +14,22 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from training.datasets.base import DatasetError, check_split, pil_to_tensor, resize_center_crop
+from training.datasets.base import DatasetError, holdout, pil_to_tensor, resize_center_crop
 
-VAL_SIZE = 297
+TEST_SIZE = 297
+VAL_FRACTION = 0.1  # of the first 1,500: every 10th is val
+SPLITS = ("train", "val", "test")
+
+
+def split_indices(n: int, split: str) -> list[int]:
+    """Indices of `split` among `n` digits: test is the last TEST_SIZE, val and train
+    share the rest (every 10th is val)."""
+    if split not in SPLITS:
+        raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
+    cut = n - TEST_SIZE
+    if split == "test":
+        return list(range(cut, n))
+    return holdout(cut, split, VAL_FRACTION)
 
 
 def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
@@ -38,12 +52,10 @@ class DigitsDataset(Dataset):
     class_names: ClassVar[list[str]] = [str(n) for n in range(10)]
 
     def __init__(self, image_size: int = 8, split: str = "train") -> None:
-        check_split(split)
         if image_size < 1:
             raise DatasetError(f"image_size must be a positive integer, got {image_size!r}")
         images, labels = load_digit_images()
-        cut = len(images) - VAL_SIZE
-        part = slice(0, cut) if split == "train" else slice(cut, None)
+        part = split_indices(len(images), split)
         self.images, self.labels = images[part], labels[part]
         self.image_size = image_size
         self.split = split
