@@ -7,9 +7,14 @@ import time
 
 import pytest
 import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 
 from worker.protocol import (
+    JOB_FUNC,
     GenerationParams,
+    JobKind,
     JobStatus,
     JobStore,
     Keys,
@@ -20,6 +25,8 @@ from worker.protocol import (
     reap_once,
     rq_job_id,
 )
+from worker.protocol.base import job_payload
+from worker.protocol.rqentry import rq_time
 
 
 @pytest.fixture
@@ -307,3 +314,41 @@ def test_the_lost_entry_sweep_walks_a_large_backlog_in_bounded_batches(
     assert found == [[], [(lost, "enqueued (admitted, its queue entry never written)")], []]
     assert store.get(lost).attempt == 2
     assert store.reap_orphans() == []  # wrapped around: nothing else is lost
+
+
+@pytest.mark.parametrize("kind", [JobKind.GENERATE, JobKind.SCORE])
+def test_rq_entry_from_the_template_is_what_rq_writes(store: JobStore, kind: JobKind) -> None:
+    """The admission's RQ entry (a template RQ recorded once, filled per job) is, command
+    for command and field for field, what RQ's own enqueue writes for the same job: only
+    RQ's two timestamps differ (its clock), and ours are in RQ's format at the job's time."""
+    for n, hooks in enumerate((None, {"sleep_per_row": 0.01})):
+        job_id, now = f"{n:032x}", time.time()
+        params = {"prompt": "a red square", "seed": n, "model": "m1"}
+        with store.r.pipeline(transaction=False) as recorder:
+            store._enqueue(recorder, job_id, 1, params, hooks, at_front=False, kind=kind)
+            theirs = [x for a, _ in recorder.command_stack for x in (len(a), *a)]
+        ours = store._entry_template(params, kind).writes(
+            job_id, now, job_payload(job_id, 1, params, hooks, kind))
+        assert len(ours) == len(theirs)
+        times = [i + 1 for i, x in enumerate(theirs) if x in ("created_at", "enqueued_at")]
+        assert len(times) == 2
+        for i in times:
+            assert ours[i] == rq_time(now)
+            assert abs(utcparse(theirs[i]).timestamp() - now) < 5
+            ours[i] = theirs[i]
+        assert [x.encode() if isinstance(x, str) else x for x in ours] == [
+            x.encode() if isinstance(x, str) else x for x in theirs]
+
+
+def test_admitted_rq_entry_reads_back_through_rq(store: JobStore) -> None:
+    """A worker's RQ reads the admitted entry as the job it is: function, payload, queue."""
+    job_id, _ = store.create_job(params(7), test_hooks={"sleep_per_row": 0.01})
+    rq_id = rq_job_id(job_id, 1)
+    job = Job.fetch(rq_id, connection=store.r, serializer=JSONSerializer)
+    assert job.func_name == JOB_FUNC and job.origin == "generate:m1"
+    assert job.get_status() == "queued" and job.timeout == store.settings.job_timeout
+    assert job.args == [{"job_id": job_id, "attempt": 1,
+                         "params": store.get(job_id).params,
+                         "test_hooks": {"sleep_per_row": 0.01}}]
+    assert store.queue.job_ids == [rq_id]
+    assert 0 < store.r.ttl(job.key) <= store.settings.result_ttl

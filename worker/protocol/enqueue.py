@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .base import StoreBase, _s
+from .base import StoreBase, _s, job_payload
 from .record import JobRecord
 from .schema import (
     Admission,
@@ -77,9 +77,10 @@ class EnqueueOps(StoreBase):
         trip (but RQ's one read of the server version per queue, and the model lookup of a
         `params.model` of None).
 
-        The RQ entry is built by RQ itself against a pipeline that is never sent: its
-        recorded writes travel in the script's arguments, which replays them once the job
-        is admitted, so admission and entry are one atomic step (no undo, no orphan).
+        The RQ entry is RQ's own, recorded once per queue and kind against a pipeline
+        that is never sent and filled in for this job (`rqentry`): its writes travel in
+        the script's arguments, which replays them once the job is admitted, so admission
+        and entry are one atomic step (no undo, no orphan).
         """
         kind = JobKind.SCORE if isinstance(params, ScoreParams) else JobKind.GENERATE
         if params.model is None:  # the API always names it; `resolve_model` as it would
@@ -100,12 +101,10 @@ class EnqueueOps(StoreBase):
             webhook_events=tuple(webhook[1]) if webhook else (),
         )
         fields = [x for kv in job.new_hash().items() for x in kv]
-        with self.r.pipeline(transaction=False) as recorder:
-            self._enqueue(recorder, job_id, 1, params_dict, test_hooks, at_front=False,
-                          kind=kind)
-            if upload is not None:  # the entry never exists without it
-                recorder.set(Keys.upload(job_id), upload, ex=ttl)
-            writes = [x for args, _ in recorder.command_stack for x in (len(args), *args)]
+        writes = self._entry_template(params_dict, kind).writes(
+            job_id, now, job_payload(job_id, 1, params_dict, test_hooks, kind))
+        if upload is not None:  # the entry never exists without it
+            writes += [5, "SET", Keys.upload(job_id), upload, "EX", ttl]
         job_key = Keys.job(job_id)
         return PreparedJob(
             job=job, cap=cap,
