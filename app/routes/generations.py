@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response, status
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from worker.protocol import (
@@ -145,7 +144,7 @@ async def post_generation(
     astore: AsyncStoreDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     prefer: Annotated[str | None, Header(description=_WAIT_DOC)] = None,
-) -> Response | JobCreated:
+) -> Response:
     """Queue a generation job; poll `status_url` for progress and images."""
     created = await submit(body, response, principal, astore, settings, idempotency_key)
     return await answer_after_wait(request, created, response,
@@ -159,19 +158,26 @@ async def status_view(job_id: str, principal: PrincipalDep, astore: AsyncStoreDe
 
 async def answer_after_wait(
         request: Request, created: JobCreated, response: Response,
-        view: Callable[[], Awaitable[BaseModel]]) -> Response | JobCreated:
+        view: Callable[[], Awaitable[BaseModel]]) -> Response:
     """The submission's answer: with `Prefer: wait=N`, the finished view (200) when the job
-    ended in time; otherwise `created` (202, or 200 for a repeated Idempotency-Key)."""
+    ended in time; otherwise `created` (202, or 200 for a repeated Idempotency-Key, with
+    the headers `response` holds), serialised once (a returned model would be validated
+    again against the route's `response_model`)."""
     seconds = prefer_wait(request)
     if seconds and await wait_until_finished(request_redis(request), created.id, seconds):
         try:
             finished = await view()
-        except ApiError:
-            return created  # expired meanwhile (only with a tiny RESULT_TTL)
-        return JSONResponse(finished.model_dump(mode="json"), status_code=200,
-                            headers={"Location": created.status_url,
-                                     "Preference-Applied": f"wait={seconds}"})
-    return created
+        except ApiError:  # expired meanwhile (only with a tiny RESULT_TTL)
+            return _json(created, response.status_code or status.HTTP_202_ACCEPTED,
+                         response.headers)
+        return _json(finished, status.HTTP_200_OK,
+                     {"Location": created.status_url, "Preference-Applied": f"wait={seconds}"})
+    return _json(created, response.status_code or status.HTTP_202_ACCEPTED, response.headers)
+
+
+def _json(model: BaseModel, code: int, headers: Mapping[str, str]) -> Response:
+    return Response(model.model_dump_json(), status_code=code, headers=dict(headers),
+                    media_type="application/json")
 
 
 def idempotency(key: str | None, requested: dict[str, Any],
