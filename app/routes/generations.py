@@ -22,6 +22,7 @@ from worker.protocol import (
     Keys,
     QueueFull,
     QuotaExceeded,
+    Settings,
     canonical_json,
 )
 
@@ -41,6 +42,7 @@ from ..jobwatch import request_redis
 from ..metrics import JOBS_SUBMITTED
 from ..modelsel import check_class_label, resolve_model_async
 from ..schemas import GenerationRequest, JobCreated, JobErrorOut, JobModel, JobView
+from ..store_async import AsyncStore
 from ..waiting import prefer_wait, wait_until_finished
 from ..webhook_policy import webhook_for, webhook_status
 
@@ -141,11 +143,14 @@ _WAIT_DOC = ("`Prefer: wait=N` (N <= 60): the finished job view (200) when the j
                               "(`unavailable`) or full (`storage_full`); see Retry-After"}})
 async def post_generation(
     body: GenerationRequest, request: Request, response: Response, principal: PrincipalDep,
-    astore: AsyncStoreDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     prefer: Annotated[str | None, Header(description=_WAIT_DOC)] = None,
 ) -> Response:
     """Queue a generation job; poll `status_url` for progress and images."""
+    # The stores from the app's state rather than as dependencies: the submission every
+    # client makes pays FastAPI's per-dependency cost once less each.
+    astore: AsyncStore = request.app.state.astore
+    settings: Settings = request.app.state.settings
     created = await submit(body, response, principal, astore, settings, idempotency_key)
     return await answer_after_wait(request, created, response,
                                    lambda: status_view(created.id, principal, astore))
@@ -238,12 +243,12 @@ async def submit(body: GenerationRequest, response: Response, principal: Princip
 
 
 @router.get("/{job_id}", response_model=JobView)
-async def get_job(job_id: JobIdPath, principal: PrincipalDep,
-                  astore: AsyncStoreDep) -> Response:
+async def get_job(job_id: JobIdPath, principal: PrincipalDep, request: Request) -> Response:
     """Status, progress, queue position and, when done, the image URLs."""
     # The poll every client repeats: one round trip on the event loop (no thread-pool
-    # hop), and the view serialised once (a returned model would be validated again).
-    view = await status_view(job_id, principal, astore)
+    # hop), the store from the app's state (one dependency less), and the view serialised
+    # once (a returned model would be validated again).
+    view = await status_view(job_id, principal, request.app.state.astore)
     return Response(view.model_dump_json(), media_type="application/json")
 
 
