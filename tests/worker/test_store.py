@@ -25,8 +25,7 @@ from worker.protocol import (
     reap_once,
     rq_job_id,
 )
-from worker.protocol.base import job_payload
-from worker.protocol.rqentry import rq_time
+from worker.protocol.rqentry import rq_time, unpack
 
 
 @pytest.fixture
@@ -316,6 +315,13 @@ def test_the_lost_entry_sweep_walks_a_large_backlog_in_bounded_batches(
     assert store.reap_orphans() == []  # wrapped around: nothing else is lost
 
 
+def _sent(value: object) -> bytes:
+    """A command argument as redis-py sends it (a str enum as its value)."""
+    if isinstance(value, bytes):
+        return value
+    return value.encode() if isinstance(value, str) else repr(value).encode()
+
+
 @pytest.mark.parametrize("kind", [JobKind.GENERATE, JobKind.SCORE])
 def test_rq_entry_from_the_template_is_what_rq_writes(store: JobStore, kind: JobKind) -> None:
     """The admission's RQ entry (a template RQ recorded once, filled per job) is, command
@@ -326,18 +332,19 @@ def test_rq_entry_from_the_template_is_what_rq_writes(store: JobStore, kind: Job
         params = {"prompt": "a red square", "seed": n, "model": "m1"}
         with store.r.pipeline(transaction=False) as recorder:
             store._enqueue(recorder, job_id, 1, params, hooks, at_front=False, kind=kind)
-            theirs = [x for a, _ in recorder.command_stack for x in (len(a), *a)]
-        ours = store._entry_template(params, kind).writes(
-            job_id, now, job_payload(job_id, 1, params, hooks, kind))
+            theirs = [_sent(x) for a, _ in recorder.command_stack for x in (len(a), *a)]
+        payload = {"job_id": job_id, "attempt": 1, "params": params,
+                   **({"kind": kind.value} if kind is not JobKind.GENERATE else {}),
+                   **({"test_hooks": hooks} if hooks else {})}
+        ours = unpack(store._entry_template(params, kind).writes(job_id, now, payload))
         assert len(ours) == len(theirs)
-        times = [i + 1 for i, x in enumerate(theirs) if x in ("created_at", "enqueued_at")]
+        times = [i + 1 for i, x in enumerate(theirs) if x in (b"created_at", b"enqueued_at")]
         assert len(times) == 2
         for i in times:
-            assert ours[i] == rq_time(now)
-            assert abs(utcparse(theirs[i]).timestamp() - now) < 5
+            assert ours[i] == rq_time(now).encode()
+            assert abs(utcparse(theirs[i].decode()).timestamp() - now) < 5
             ours[i] = theirs[i]
-        assert [x.encode() if isinstance(x, str) else x for x in ours] == [
-            x.encode() if isinstance(x, str) else x for x in theirs]
+        assert ours == theirs
 
 
 def test_admitted_rq_entry_reads_back_through_rq(store: JobStore) -> None:

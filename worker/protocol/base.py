@@ -22,17 +22,6 @@ def _s(v: bytes | str | None) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
 
-def job_payload(job_id: str, attempt: int, params: dict[str, Any],
-                test_hooks: dict[str, Any] | None, kind: JobKind) -> dict[str, Any]:
-    """The argument of an attempt's RQ job (what `worker.jobs` receives)."""
-    payload: dict[str, Any] = {"job_id": job_id, "attempt": attempt, "params": params}
-    if kind is not JobKind.GENERATE:
-        payload["kind"] = kind.value
-    if test_hooks:
-        payload["test_hooks"] = test_hooks
-    return payload
-
-
 def job_model(job: JobRecord) -> str:
     """The model id a job asked for ('' for a job stored before models had names)."""
     params = job.params if isinstance(job.params, dict) else {}
@@ -139,10 +128,14 @@ class StoreBase:
                  test_hooks: dict[str, Any] | None, at_front: bool,
                  kind: JobKind = JobKind.GENERATE) -> str:
         """Write the RQ entry of one attempt on the queue of the job's model."""
+        payload: dict[str, Any] = {"job_id": job_id, "attempt": attempt, "params": params}
+        if kind is not JobKind.GENERATE:
+            payload["kind"] = kind.value
+        if test_hooks:
+            payload["test_hooks"] = test_hooks
         rq_id = rq_job_id(job_id, attempt)
         self._params_queue(params).enqueue_call(
-            JOB_FUNCS[kind], args=(job_payload(job_id, attempt, params, test_hooks, kind),),
-            job_id=rq_id, timeout=self.settings.job_timeout,
+            JOB_FUNCS[kind], args=(payload,), job_id=rq_id, timeout=self.settings.job_timeout,
             ttl=self.settings.result_ttl, result_ttl=RQ_RESULT_TTL,
             failure_ttl=self.settings.result_ttl, at_front=at_front, pipeline=pipe,
             description=f"{kind.value} {job_id} attempt {attempt}",

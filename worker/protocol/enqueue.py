@@ -10,8 +10,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .base import StoreBase, _s, job_payload
+from .base import StoreBase, _s
 from .record import JobRecord
+from .rqentry import pack
 from .schema import (
     Admission,
     GenerationParams,
@@ -100,19 +101,17 @@ class EnqueueOps(StoreBase):
             webhook=webhook[0] if webhook else "",
             webhook_events=tuple(webhook[1]) if webhook else (),
         )
-        fields = [x for kv in job.new_hash().items() for x in kv]
-        writes = self._entry_template(params_dict, kind).writes(
-            job_id, now, job_payload(job_id, 1, params_dict, test_hooks, kind))
+        writes = self._entry_template(params_dict, kind).writes(job_id, now, job.payload())
         if upload is not None:  # the entry never exists without it
-            writes += [5, "SET", Keys.upload(job_id), upload, "EX", ttl]
+            writes += pack((5, "SET", Keys.upload(job_id), upload, "EX", ttl))
         job_key = Keys.job(job_id)
         return PreparedJob(
             job=job, cap=cap,
             keys=[idempotency[0] if idempotency else job_key, job_key, Keys.queued,
                   quota_key or job_key, Keys.owner_jobs(owner)],
             args=["1" if idempotency else "", idempotency[1] if idempotency else "", job_id,
-                  repr(now), ttl, self.settings.max_queue, cap, len(fields), *fields,
-                  *writes],
+                  repr(now), ttl, self.settings.max_queue, cap,
+                  pack(x for kv in job.new_hash().items() for x in kv), writes],
         )
 
     def create_job(self, params: GenerationParams | ScoreParams,

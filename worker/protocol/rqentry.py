@@ -1,5 +1,5 @@
 """An RQ entry's writes without RQ's per-job machinery: recorded once by RQ itself, then
-filled in per job.
+filled in per job, and sent packed in one script argument.
 
 `queue.enqueue_call` against a pipeline costs a `Job` object, its `to_dict` and the
 pipeline's bookkeeping on every submission: half the API's admission cost. What it writes
@@ -9,13 +9,17 @@ order, the TTLs, the origin queue) depends on the queue and the job's kind. So R
 one entry per (queue, kind) for a placeholder id, and `RqEntryTemplate.writes` swaps in a
 job's values: the same commands, field for field, that RQ would send (a test compares them
 against RQ's own), so a worker reads the entry unchanged.
+
+The writes travel as one `pack`ed string (`scripts.ADMIT` unpacks it): redis-py encodes a
+command's arguments one by one in Python, and the ~50 arguments of an entry were a
+visible share of a submission; the template's constant runs are packed once.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,6 +30,31 @@ from .schema import ProtocolError
 TEMPLATE_JOB_ID = "0" * 32  # the placeholder job id RQ records the template with
 _TIMES = ("created_at", "enqueued_at")  # RQ's per-job timestamps (utcformat)
 _FILLED = frozenset({*_TIMES, "data"})  # the fields filled per job (besides the id)
+
+Filler = Callable[[str, str, bytes], Any]  # (job id, RQ time, data) -> the value
+
+
+def packed_item(value: Any) -> bytes:
+    """One value as `pack` writes it: `<byte length>:<bytes>` (str as UTF-8, numbers as
+    redis-py would send them)."""
+    raw = value if isinstance(value, bytes) else str(value).encode()
+    return b"%d:%s" % (len(raw), raw)
+
+
+def pack(values: Iterable[Any]) -> bytes:
+    """Values as one string for a script (`scripts.ADMIT`'s `unpacked`)."""
+    return b"".join(map(packed_item, values))
+
+
+def unpack(packed: bytes) -> list[bytes]:
+    """`pack`'s values back (as bytes): what the script reads."""
+    out, i = [], 0
+    while i < len(packed):
+        colon = packed.index(b":", i)
+        n = int(packed[i:colon])
+        out.append(packed[colon + 1:colon + 1 + n])
+        i = colon + 1 + n
+    return out
 
 
 def rq_data(func: str, payload: dict[str, Any]) -> bytes:
@@ -45,40 +74,42 @@ class RqEntryTemplate:
 
     def __init__(self, recorded: list[tuple[Any, ...]], func: str) -> None:
         self.func = func
-        flat: list[Any] = []
-        # (index in `flat`, how to fill it from (job id, rq time, data))
-        self._holes: list[tuple[int, Callable[[str, str, bytes], Any]]] = []
+        parts: list[bytes | Filler] = []  # packed constant runs, and the holes' fillers
         found: set[str] = set()
         for args in recorded:
-            flat.append(len(args))
+            parts.append(packed_item(len(args)))
             for n, arg in enumerate(args):
                 field = args[n - 1] if args[0] == "HSET" and n >= 3 and n % 2 == 1 else None
                 if field in _FILLED:
                     found.add(field)
-                    self._holes.append((len(flat), _filler(field)))
+                    parts.append(_filler(field))
                 elif isinstance(arg, str) and TEMPLATE_JOB_ID in arg:
-                    parts = arg.split(TEMPLATE_JOB_ID)
-                    self._holes.append((len(flat), lambda j, _t, _d, p=parts: j.join(p)))
-                elif isinstance(arg, str) and type(arg) is not str:
-                    arg = arg.encode().decode()  # RQ's JobStatus (a str enum): what it sends
-                flat.append(arg)
+                    pieces = arg.split(TEMPLATE_JOB_ID)
+                    parts.append(lambda j, _t, _d, p=pieces: j.join(p))
+                else:  # RQ's JobStatus is a str enum: its value is what redis-py sends
+                    parts.append(packed_item(arg.encode().decode()
+                                             if isinstance(arg, str) else arg))
         if found != _FILLED:
             raise ProtocolError(f"RQ's job hash lacks {sorted(_FILLED - found)}: this RQ "
                                 "version writes its entries differently")
-        self._flat = flat
+        self._parts: list[bytes | Filler] = []
+        for part in parts:  # adjacent constants joined once
+            if (isinstance(part, bytes) and self._parts
+                    and isinstance(self._parts[-1], bytes)):
+                self._parts[-1] += part
+            else:
+                self._parts.append(part)
 
-    def writes(self, job_id: str, now: float, payload: dict[str, Any]) -> list[Any]:
+    def writes(self, job_id: str, now: float, payload: dict[str, Any]) -> bytes:
         """The entry of job `job_id` (attempt 1) calling `func(payload)`, enqueued at unix
-        time `now`: each command as its argument count, then the command and its
+        time `now`, `pack`ed: each command as its argument count, then the command and its
         arguments (what `scripts.ADMIT` replays)."""
-        out = self._flat.copy()
         at, data = rq_time(now), rq_data(self.func, payload)
-        for i, fill in self._holes:
-            out[i] = fill(job_id, at, data)
-        return out
+        return b"".join(p if isinstance(p, bytes) else packed_item(p(job_id, at, data))
+                        for p in self._parts)
 
 
-def _filler(field: str) -> Callable[[str, str, bytes], Any]:
+def _filler(field: str) -> Filler:
     if field == "data":
         return lambda _j, _t, d: d
     return lambda _j, t, _d: t
