@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 
 import pytest
 import redis
@@ -25,7 +26,7 @@ from worker.protocol import (
     reap_once,
     rq_job_id,
 )
-from worker.protocol.rqentry import rq_time, unpack
+from worker.protocol.rqentry import rq_time, unpack, zlib_stored
 
 
 @pytest.fixture
@@ -344,7 +345,16 @@ def test_rq_entry_from_the_template_is_what_rq_writes(store: JobStore, kind: Job
             assert ours[i] == rq_time(now).encode()
             assert abs(utcparse(theirs[i].decode()).timestamp() - now) < 5
             ours[i] = theirs[i]
+        data = theirs.index(b"data") + 1  # the same job, stored (not deflated) by us
+        assert zlib.decompress(ours[data]) == zlib.decompress(theirs[data])
+        ours[data] = theirs[data]
         assert ours == theirs
+
+
+@pytest.mark.parametrize("size", [0, 1, 300, 0xFFFF, 0xFFFF + 1, 3 * 0xFFFF + 7])
+def test_zlib_stored_is_a_zlib_stream(size: int) -> None:
+    raw = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    assert zlib.decompress(zlib_stored(raw)) == raw
 
 
 def test_admitted_rq_entry_reads_back_through_rq(store: JobStore) -> None:
