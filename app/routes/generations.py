@@ -7,9 +7,9 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response, status
+from fastapi import APIRouter, Depends, Request, Response, status
 from pydantic import BaseModel
 
 from worker.protocol import (
@@ -132,8 +132,22 @@ _WAIT_DOC = ("`Prefer: wait=N` (N <= 60): the finished job view (200) when the j
              "within N seconds, else the usual 202")
 
 
+def _optional_header(name: str, description: str | None = None) -> dict[str, Any]:
+    """An optional string header as FastAPI documents a `Header()` parameter."""
+    schema: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "null"}],
+                              "title": name.title()}
+    if description:
+        schema["description"] = description
+    return {"in": "header", "name": name, "required": False, "schema": schema,
+            **({"description": description} if description else {})}
+
+
+_SUBMIT_HEADERS = {"parameters": [_optional_header("Idempotency-Key"),
+                                  _optional_header("prefer", _WAIT_DOC)]}
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated,
-             operation_id="submit_v1_generations_post",
+             operation_id="submit_v1_generations_post", openapi_extra=_SUBMIT_HEADERS,
              responses={200: {"model": JobView | JobCreated,
                               "description": "Repeated Idempotency-Key (JobCreated), or "
                               "the finished job under " + _WAIT_DOC},
@@ -141,17 +155,16 @@ _WAIT_DOC = ("`Prefer: wait=N` (N <= 60): the finished job view (200) when the j
                               "description": "`idempotency_conflict`"},
                         503: {"model": ErrorResponse, "description": "Redis unreachable "
                               "(`unavailable`) or full (`storage_full`); see Retry-After"}})
-async def post_generation(
-    body: GenerationRequest, request: Request, response: Response, principal: PrincipalDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-    prefer: Annotated[str | None, Header(description=_WAIT_DOC)] = None,
-) -> Response:
+async def post_generation(body: GenerationRequest, request: Request, response: Response,
+                          principal: PrincipalDep) -> Response:
     """Queue a generation job; poll `status_url` for progress and images."""
-    # The stores from the app's state rather than as dependencies: the submission every
-    # client makes pays FastAPI's per-dependency cost once less each.
+    # The stores from the app's state and the headers from the request (documented by
+    # `_SUBMIT_HEADERS`) rather than as FastAPI dependencies and parameters: the
+    # submission every client makes skips FastAPI's cost for each.
     astore: AsyncStore = request.app.state.astore
     settings: Settings = request.app.state.settings
-    created = await submit(body, response, principal, astore, settings, idempotency_key)
+    created = await submit(body, response, principal, astore, settings,
+                           request.headers.get("idempotency-key"))
     return await answer_after_wait(request, created, response,
                                    lambda: status_view(created.id, principal, astore))
 

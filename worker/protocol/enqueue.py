@@ -5,8 +5,8 @@ over its asyncio client."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +89,7 @@ class EnqueueOps(StoreBase):
             params = params.model_copy(update={"model": model})
         ttl = self.settings.result_ttl
         params_dict = params.model_dump(mode="json")
-        job_id = uuid.uuid4().hex
+        job_id = secrets.token_hex(16)
         cap = self.settings.max_queued_per_key if quota_who else 0
         quota_key = Keys.queued_by(quota_who) if cap else ""
         now = time.time()
