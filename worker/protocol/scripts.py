@@ -184,13 +184,15 @@ return $T_OK
 #       count followed by the command and its arguments; both `rqentry.pack`ed (one
 #       argument each: '<length>:<bytes>' per value).
 ADMIT = _lua("""
+local find, sub, tonumber = string.find, string.sub, tonumber
 local function unpacked(s)
-  local out, i = {}, 1
-  while i <= #s do
-    local colon = string.find(s, ':', i, true)
-    local n = tonumber(string.sub(s, i, colon - 1))
-    out[#out + 1] = string.sub(s, colon + 1, colon + n)
-    i = colon + n + 1
+  local out, n, i, len = {}, 0, 1, #s
+  while i <= len do
+    local colon = find(s, ':', i, true)
+    local size = tonumber(sub(s, i, colon - 1))
+    n = n + 1
+    out[n] = sub(s, colon + 1, colon + size)
+    i = colon + size + 1
   end
   return out
 end
