@@ -49,7 +49,7 @@ def pack(values: Iterable[Any]) -> bytes:
 
 
 def unpack(packed: bytes) -> list[bytes]:
-    """`pack`'s values back (as bytes): what the script reads."""
+    """`pack`'s values back (as bytes), as `scripts.ADMIT` reads them (for tests)."""
     out, i = [], 0
     while i < len(packed):
         colon = packed.index(b":", i)
