@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response, status
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request, Response, status
 from pydantic import BaseModel
 
 from worker.protocol import (
@@ -23,6 +22,7 @@ from worker.protocol import (
     Keys,
     QueueFull,
     QuotaExceeded,
+    Settings,
     canonical_json,
 )
 
@@ -42,6 +42,7 @@ from ..jobwatch import request_redis
 from ..metrics import JOBS_SUBMITTED
 from ..modelsel import check_class_label, resolve_model_async
 from ..schemas import GenerationRequest, JobCreated, JobErrorOut, JobModel, JobView
+from ..store_async import AsyncStore
 from ..waiting import prefer_wait, wait_until_finished
 from ..webhook_policy import webhook_for, webhook_status
 
@@ -131,8 +132,22 @@ _WAIT_DOC = ("`Prefer: wait=N` (N <= 60): the finished job view (200) when the j
              "within N seconds, else the usual 202")
 
 
+def _optional_header(name: str, description: str | None = None) -> dict[str, Any]:
+    """An optional string header as FastAPI documents a `Header()` parameter."""
+    schema: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "null"}],
+                              "title": name.title()}
+    if description:
+        schema["description"] = description
+    return {"in": "header", "name": name, "required": False, "schema": schema,
+            **({"description": description} if description else {})}
+
+
+_SUBMIT_HEADERS = {"parameters": [_optional_header("Idempotency-Key"),
+                                  _optional_header("prefer", _WAIT_DOC)]}
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated,
-             operation_id="submit_v1_generations_post",
+             operation_id="submit_v1_generations_post", openapi_extra=_SUBMIT_HEADERS,
              responses={200: {"model": JobView | JobCreated,
                               "description": "Repeated Idempotency-Key (JobCreated), or "
                               "the finished job under " + _WAIT_DOC},
@@ -140,14 +155,16 @@ _WAIT_DOC = ("`Prefer: wait=N` (N <= 60): the finished job view (200) when the j
                               "description": "`idempotency_conflict`"},
                         503: {"model": ErrorResponse, "description": "Redis unreachable "
                               "(`unavailable`) or full (`storage_full`); see Retry-After"}})
-async def post_generation(
-    body: GenerationRequest, request: Request, response: Response, principal: PrincipalDep,
-    astore: AsyncStoreDep, settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-    prefer: Annotated[str | None, Header(description=_WAIT_DOC)] = None,
-) -> Response | JobCreated:
+async def post_generation(body: GenerationRequest, request: Request, response: Response,
+                          principal: PrincipalDep) -> Response:
     """Queue a generation job; poll `status_url` for progress and images."""
-    created = await submit(body, response, principal, astore, settings, idempotency_key)
+    # The stores from the app's state and the headers from the request (documented by
+    # `_SUBMIT_HEADERS`) rather than as FastAPI dependencies and parameters: the
+    # submission every client makes skips FastAPI's cost for each.
+    astore: AsyncStore = request.app.state.astore
+    settings: Settings = request.app.state.settings
+    created = await submit(body, response, principal, astore, settings,
+                           request.headers.get("idempotency-key"))
     return await answer_after_wait(request, created, response,
                                    lambda: status_view(created.id, principal, astore))
 
@@ -159,19 +176,26 @@ async def status_view(job_id: str, principal: PrincipalDep, astore: AsyncStoreDe
 
 async def answer_after_wait(
         request: Request, created: JobCreated, response: Response,
-        view: Callable[[], Awaitable[BaseModel]]) -> Response | JobCreated:
+        view: Callable[[], Awaitable[BaseModel]]) -> Response:
     """The submission's answer: with `Prefer: wait=N`, the finished view (200) when the job
-    ended in time; otherwise `created` (202, or 200 for a repeated Idempotency-Key)."""
+    ended in time; otherwise `created` (202, or 200 for a repeated Idempotency-Key, with
+    the headers `response` holds), serialised once (a returned model would be validated
+    again against the route's `response_model`)."""
     seconds = prefer_wait(request)
     if seconds and await wait_until_finished(request_redis(request), created.id, seconds):
         try:
             finished = await view()
-        except ApiError:
-            return created  # expired meanwhile (only with a tiny RESULT_TTL)
-        return JSONResponse(finished.model_dump(mode="json"), status_code=200,
-                            headers={"Location": created.status_url,
-                                     "Preference-Applied": f"wait={seconds}"})
-    return created
+        except ApiError:  # expired meanwhile (only with a tiny RESULT_TTL)
+            return _json(created, response.status_code or status.HTTP_202_ACCEPTED,
+                         response.headers)
+        return _json(finished, status.HTTP_200_OK,
+                     {"Location": created.status_url, "Preference-Applied": f"wait={seconds}"})
+    return _json(created, response.status_code or status.HTTP_202_ACCEPTED, response.headers)
+
+
+def _json(model: BaseModel, code: int, headers: Mapping[str, str]) -> Response:
+    return Response(model.model_dump_json(), status_code=code, headers=dict(headers),
+                    media_type="application/json")
 
 
 def idempotency(key: str | None, requested: dict[str, Any],
@@ -232,12 +256,12 @@ async def submit(body: GenerationRequest, response: Response, principal: Princip
 
 
 @router.get("/{job_id}", response_model=JobView)
-async def get_job(job_id: JobIdPath, principal: PrincipalDep,
-                  astore: AsyncStoreDep) -> Response:
+async def get_job(job_id: JobIdPath, principal: PrincipalDep, request: Request) -> Response:
     """Status, progress, queue position and, when done, the image URLs."""
     # The poll every client repeats: one round trip on the event loop (no thread-pool
-    # hop), and the view serialised once (a returned model would be validated again).
-    view = await status_view(job_id, principal, astore)
+    # hop), the store from the app's state (one dependency less), and the view serialised
+    # once (a returned model would be validated again).
+    view = await status_view(job_id, principal, request.app.state.astore)
     return Response(view.model_dump_json(), media_type="application/json")
 
 

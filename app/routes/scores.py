@@ -217,7 +217,7 @@ async def submit_score(
     store: StoreDep, astore: AsyncStoreDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     prefer: Annotated[str | None, Header(description=_WAIT_DOC)] = None,
-) -> Response | ScoreCreated:
+) -> Response:
     """Queue a score job: the image's exact bits/dim under each caption."""
     created = await _submit(body, response, principal, store, astore, settings,
                             idempotency_key)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 
 import pytest
 import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 
 from worker.protocol import (
+    JOB_FUNC,
     GenerationParams,
+    JobKind,
     JobStatus,
     JobStore,
     Keys,
@@ -20,6 +26,7 @@ from worker.protocol import (
     reap_once,
     rq_job_id,
 )
+from worker.protocol.rqentry import rq_time, unpack, zlib_stored
 
 
 @pytest.fixture
@@ -307,3 +314,58 @@ def test_the_lost_entry_sweep_walks_a_large_backlog_in_bounded_batches(
     assert found == [[], [(lost, "enqueued (admitted, its queue entry never written)")], []]
     assert store.get(lost).attempt == 2
     assert store.reap_orphans() == []  # wrapped around: nothing else is lost
+
+
+def _sent(value: object) -> bytes:
+    """A command argument as redis-py sends it (a str enum as its value)."""
+    if isinstance(value, bytes):
+        return value
+    return value.encode() if isinstance(value, str) else repr(value).encode()
+
+
+@pytest.mark.parametrize("kind", [JobKind.GENERATE, JobKind.SCORE])
+def test_rq_entry_from_the_template_is_what_rq_writes(store: JobStore, kind: JobKind) -> None:
+    """The admission's RQ entry (a template RQ recorded once, filled per job) is, command
+    for command and field for field, what RQ's own enqueue writes for the same job: only
+    RQ's two timestamps differ (its clock), and ours are in RQ's format at the job's time."""
+    for n, hooks in enumerate((None, {"sleep_per_row": 0.01})):
+        job_id, now = f"{n:032x}", time.time()
+        params = {"prompt": "a red square", "seed": n, "model": "m1"}
+        with store.r.pipeline(transaction=False) as recorder:
+            store._enqueue(recorder, job_id, 1, params, hooks, at_front=False, kind=kind)
+            theirs = [_sent(x) for a, _ in recorder.command_stack for x in (len(a), *a)]
+        payload = {"job_id": job_id, "attempt": 1, "params": params,
+                   **({"kind": kind.value} if kind is not JobKind.GENERATE else {}),
+                   **({"test_hooks": hooks} if hooks else {})}
+        ours = unpack(store._entry_template(params, kind).writes(job_id, now, payload))
+        assert len(ours) == len(theirs)
+        times = [i + 1 for i, x in enumerate(theirs) if x in (b"created_at", b"enqueued_at")]
+        assert len(times) == 2
+        for i in times:
+            assert ours[i] == rq_time(now).encode()
+            assert abs(utcparse(theirs[i].decode()).timestamp() - now) < 5
+            ours[i] = theirs[i]
+        data = theirs.index(b"data") + 1  # the same job, stored (not deflated) by us
+        assert zlib.decompress(ours[data]) == zlib.decompress(theirs[data])
+        ours[data] = theirs[data]
+        assert ours == theirs
+
+
+@pytest.mark.parametrize("size", [0, 1, 300, 0xFFFF, 0xFFFF + 1, 3 * 0xFFFF + 7])
+def test_zlib_stored_is_a_zlib_stream(size: int) -> None:
+    raw = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    assert zlib.decompress(zlib_stored(raw)) == raw
+
+
+def test_admitted_rq_entry_reads_back_through_rq(store: JobStore) -> None:
+    """A worker's RQ reads the admitted entry as the job it is: function, payload, queue."""
+    job_id, _ = store.create_job(params(7), test_hooks={"sleep_per_row": 0.01})
+    rq_id = rq_job_id(job_id, 1)
+    job = Job.fetch(rq_id, connection=store.r, serializer=JSONSerializer)
+    assert job.func_name == JOB_FUNC and job.origin == "generate:m1"
+    assert job.get_status() == "queued" and job.timeout == store.settings.job_timeout
+    assert job.args == [{"job_id": job_id, "attempt": 1,
+                         "params": store.get(job_id).params,
+                         "test_hooks": {"sleep_per_row": 0.01}}]
+    assert store.queue.job_ids == [rq_id]
+    assert 0 < store.r.ttl(job.key) <= store.settings.result_ttl

@@ -10,6 +10,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from .record import JobRecord
+from .rqentry import TEMPLATE_JOB_ID, RqEntryTemplate
 from .schema import JOB_FUNCS, JobKind, Keys, ProtocolError, queue_name, rq_job_id
 from .scripts import ADMIT, CANCEL, CLAIM, FAIL_QUEUED, FINISH, PROGRESS, TAKE
 from .settings import Settings
@@ -38,6 +39,7 @@ class StoreBase:
         self.settings = settings
         self.model = model
         self._queues: dict[str, Queue] = {}
+        self._templates: dict[tuple[str, JobKind], RqEntryTemplate] = {}
         self._claim = connection.register_script(CLAIM)
         self._progress = connection.register_script(PROGRESS)
         self._finish = connection.register_script(FINISH)
@@ -103,19 +105,36 @@ class StoreBase:
         value = self.r.get(key)
         return bytes(value) if value is not None else None
 
+    def _params_queue(self, params: dict[str, Any]) -> Queue:
+        """The queue of the model `params` name (this worker's when none)."""
+        model = params.get("model") if isinstance(params, dict) else None
+        return self.queue_for(model) if isinstance(model, str) and model else self.queue
+
+    def _entry_template(self, params: dict[str, Any], kind: JobKind) -> RqEntryTemplate:
+        """The RQ entry of an attempt-1 job of `kind` on the queue of `params`' model, as
+        RQ records it (once per queue and kind; `rqentry`)."""
+        queue = self._params_queue(params)
+        template = self._templates.get((queue.name, kind))
+        if template is None:
+            with self.r.pipeline(transaction=False) as recorder:
+                self._enqueue(recorder, TEMPLATE_JOB_ID, 1, params, None, at_front=False,
+                              kind=kind)
+                template = RqEntryTemplate([a for a, _ in recorder.command_stack],
+                                           JOB_FUNCS[kind])
+            self._templates[(queue.name, kind)] = template
+        return template
+
     def _enqueue(self, pipe: Any, job_id: str, attempt: int, params: dict[str, Any],
                  test_hooks: dict[str, Any] | None, at_front: bool,
                  kind: JobKind = JobKind.GENERATE) -> str:
         """Write the RQ entry of one attempt on the queue of the job's model."""
-        model = params.get("model") if isinstance(params, dict) else None
-        queue = self.queue_for(model) if isinstance(model, str) and model else self.queue
         payload: dict[str, Any] = {"job_id": job_id, "attempt": attempt, "params": params}
         if kind is not JobKind.GENERATE:
             payload["kind"] = kind.value
         if test_hooks:
             payload["test_hooks"] = test_hooks
         rq_id = rq_job_id(job_id, attempt)
-        queue.enqueue_call(
+        self._params_queue(params).enqueue_call(
             JOB_FUNCS[kind], args=(payload,), job_id=rq_id, timeout=self.settings.job_timeout,
             ttl=self.settings.result_ttl, result_ttl=RQ_RESULT_TTL,
             failure_ttl=self.settings.result_ttl, at_front=at_front, pipeline=pipe,

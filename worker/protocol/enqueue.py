@@ -5,13 +5,14 @@ over its asyncio client."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from .base import StoreBase, _s
 from .record import JobRecord
+from .rqentry import pack
 from .schema import (
     Admission,
     GenerationParams,
@@ -77,9 +78,10 @@ class EnqueueOps(StoreBase):
         trip (but RQ's one read of the server version per queue, and the model lookup of a
         `params.model` of None).
 
-        The RQ entry is built by RQ itself against a pipeline that is never sent: its
-        recorded writes travel in the script's arguments, which replays them once the job
-        is admitted, so admission and entry are one atomic step (no undo, no orphan).
+        The RQ entry is RQ's own, recorded once per queue and kind against a pipeline
+        that is never sent and filled in for this job (`rqentry`): its writes travel in
+        the script's arguments, which replays them once the job is admitted, so admission
+        and entry are one atomic step (no undo, no orphan).
         """
         kind = JobKind.SCORE if isinstance(params, ScoreParams) else JobKind.GENERATE
         if params.model is None:  # the API always names it; `resolve_model` as it would
@@ -87,7 +89,7 @@ class EnqueueOps(StoreBase):
             params = params.model_copy(update={"model": model})
         ttl = self.settings.result_ttl
         params_dict = params.model_dump(mode="json")
-        job_id = uuid.uuid4().hex
+        job_id = secrets.token_hex(16)
         cap = self.settings.max_queued_per_key if quota_who else 0
         quota_key = Keys.queued_by(quota_who) if cap else ""
         now = time.time()
@@ -99,21 +101,17 @@ class EnqueueOps(StoreBase):
             webhook=webhook[0] if webhook else "",
             webhook_events=tuple(webhook[1]) if webhook else (),
         )
-        fields = [x for kv in job.new_hash().items() for x in kv]
-        with self.r.pipeline(transaction=False) as recorder:
-            self._enqueue(recorder, job_id, 1, params_dict, test_hooks, at_front=False,
-                          kind=kind)
-            if upload is not None:  # the entry never exists without it
-                recorder.set(Keys.upload(job_id), upload, ex=ttl)
-            writes = [x for args, _ in recorder.command_stack for x in (len(args), *args)]
+        writes = self._entry_template(params_dict, kind).writes(job_id, now, job.payload())
+        if upload is not None:  # the entry never exists without it
+            writes += pack((5, "SET", Keys.upload(job_id), upload, "EX", ttl))
         job_key = Keys.job(job_id)
         return PreparedJob(
             job=job, cap=cap,
             keys=[idempotency[0] if idempotency else job_key, job_key, Keys.queued,
                   quota_key or job_key, Keys.owner_jobs(owner)],
             args=["1" if idempotency else "", idempotency[1] if idempotency else "", job_id,
-                  repr(now), ttl, self.settings.max_queue, cap, len(fields), *fields,
-                  *writes],
+                  repr(now), ttl, self.settings.max_queue, cap,
+                  pack(x for kv in job.new_hash().items() for x in kv), writes],
         )
 
     def create_job(self, params: GenerationParams | ScoreParams,

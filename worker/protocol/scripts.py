@@ -180,9 +180,22 @@ return $T_OK
 # KEYS: idem key (or the job key when there is none), job hash, queued zset, caller's zset
 # (or the job key when uncapped), owner's index.
 # ARGV: idem? ('1'/''), body hash, job id, now, ttl, max queue, caller cap (0 = none),
-#       n = the count of the job hash's fields and values, those n, then the RQ writes:
-#       each as its argument count followed by the command and its arguments.
+#       the job hash's fields and values, then the RQ writes: each command as its argument
+#       count followed by the command and its arguments; both `rqentry.pack`ed (one
+#       argument each: '<length>:<bytes>' per value).
 ADMIT = _lua("""
+local find, sub, tonumber = string.find, string.sub, tonumber
+local function unpacked(s)
+  local out, n, i, len = {}, 0, 1, #s
+  while i <= len do
+    local colon = find(s, ':', i, true)
+    local size = tonumber(sub(s, i, colon - 1))
+    n = n + 1
+    out[n] = sub(s, colon + 1, colon + size)
+    i = colon + size + 1
+  end
+  return out
+end
 if ARGV[1] == '1' then
   local found = redis.call('GET', KEYS[1])
   if found then
@@ -206,8 +219,7 @@ end
 local max_queue, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
 if waiting(KEYS[3], max_queue) >= max_queue then return {$A_QUEUE_FULL, ''} end
 if cap > 0 and waiting(KEYS[4], cap) >= cap then return {$A_QUOTA_EXCEEDED, ''} end
-local nf = tonumber(ARGV[8])
-redis.call('HSET', KEYS[2], unpack(ARGV, 9, 8 + nf))
+redis.call('HSET', KEYS[2], unpack(unpacked(ARGV[8])))
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
@@ -220,10 +232,11 @@ end
 if ARGV[1] == '1' then
   redis.call('SET', KEYS[1], ARGV[3] .. ':' .. ARGV[2], 'EX', ARGV[5])
 end
-local i = 9 + nf
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
+local writes = unpacked(ARGV[9])
+local i = 1
+while i <= #writes do
+  local n = tonumber(writes[i])
+  redis.call(unpack(writes, i + 1, i + n))
   i = i + n + 1
 end
 return {$A_CREATED, ARGV[3]}
