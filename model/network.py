@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import PromptPixError
-from .layers import DecoderBlock, KVCache, TextEncoder
+from .layers import DecoderBlock, KVCache, Linear, TextEncoder
 from .prior import image_tokens
 from .tokenizers import Tokenizer
 
@@ -231,7 +231,14 @@ class PromptPix(nn.Module):
         return x + where + cond[:, None]
 
     def new_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> list[KVCache]:
-        """One static KV cache per block for `batch_size` sequences of every pixel."""
+        """One static KV cache per block for `batch_size` sequences of every pixel.
+
+        Also (re)makes, on CPU, the decoder's decode-time (in, out) weight copies that
+        cached steps read (`layers.Linear`; remade only if a weight changed since)."""
+        if self.device.type == "cpu":  # measured there; CUDA keeps F.linear's layout
+            for m in self.blocks.modules():
+                if isinstance(m, Linear):
+                    m.refresh_decode_weight()
         c = self.config
         hs = c.hidden_dim // c.num_heads
         return [KVCache(batch_size, c.num_kv_heads, self.num_pixels, hs, self.device, dtype)
@@ -243,19 +250,25 @@ class PromptPix(nn.Module):
         text: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
         caches: list[KVCache] | None = None,
         input_pos: torch.Tensor | None = None,
+        length: int | None = None,
     ) -> torch.Tensor:
         """The decoder over inputs x (B, S, D) -> normalised states (B, S, D).
 
         Without caches, x is pixels 0..S-1 (training, the uncached reference). With them
         (`new_caches`), x is pixels `input_pos` (S,) — a prefill or one decode step — and
-        each block writes its keys/values there and attends to every earlier pixel."""
+        each block writes its keys/values there and attends to every earlier pixel:
+        over the whole static cache under a mask when `length` is None (static shapes, the
+        compiled step), else over a view of its first `length` = max(input_pos) + 1
+        positions (the eager step, which knows it on the host)."""
         mask = None
         if caches is not None:
             assert input_pos is not None, "a cached decode needs input_pos"
-            mask = input_pos[:, None] >= torch.arange(self.num_pixels, device=x.device)
+            if length is None or x.shape[1] > 1:  # one query at length - 1 sees all of them
+                T = self.num_pixels if length is None else length
+                mask = input_pos[:, None] >= torch.arange(T, device=x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, text[i] if text is not None else None,
-                      None if caches is None else caches[i], mask, input_pos)
+                      None if caches is None else caches[i], mask, input_pos, length)
         return self.ln_f(x)
 
     def channel_logits(self, h: torch.Tensor, earlier: Sequence[torch.Tensor],
