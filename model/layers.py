@@ -15,14 +15,17 @@ class Linear(nn.Linear):
     """`nn.Linear` (same parameters, same state dict) whose cached decode steps can read a
     decode-time copy of the weight, transposed to (in, out) and contiguous: at batch 1-16 on
     CPU, `x @ W_t` with that layout runs the decoder's products faster than `F.linear`'s
-    `x @ W.T` (docs/benchmarks.md). The copy is made by `refresh_decode_weight` (from
-    `PromptPix.new_caches`, i.e. once per request or static decoder) and remade only when the
-    weight has changed since (an optimizer step, `load_state_dict`, a move)."""
+    `x @ W.T` (docs/benchmarks.md). `PromptPix.new_caches` (once per request or static
+    decoder) calls `refresh_decode_weight`, which remakes the copy only when the weight has
+    changed since (an optimizer step, `load_state_dict`, a move), or drops it (CUDA)."""
 
     weight_t: torch.Tensor | None = None
     _weight_t_key: tuple[int, int] | None = None
 
-    def refresh_decode_weight(self) -> None:
+    def refresh_decode_weight(self, enabled: bool) -> None:
+        if not enabled:
+            self.weight_t = self._weight_t_key = None
+            return
         key = (self.weight.data_ptr(), self.weight._version)
         if key != self._weight_t_key:
             with torch.inference_mode(False), torch.no_grad():

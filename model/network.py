@@ -233,12 +233,13 @@ class PromptPix(nn.Module):
     def new_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> list[KVCache]:
         """One static KV cache per block for `batch_size` sequences of every pixel.
 
-        Also (re)makes, on CPU, the decoder's decode-time (in, out) weight copies that
-        cached steps read (`layers.Linear`; remade only if a weight changed since)."""
-        if self.device.type == "cpu":  # measured there; CUDA keeps F.linear's layout
-            for m in self.blocks.modules():
-                if isinstance(m, Linear):
-                    m.refresh_decode_weight()
+        Also brings up to date the decoder's decode-time (in, out) weight copies that cached
+        steps read (`layers.Linear`): made on CPU, where they were measured to pay, and
+        remade only if a weight changed since; none on CUDA (F.linear's layout there)."""
+        on_cpu = self.device.type == "cpu"
+        for m in self.blocks.modules():
+            if isinstance(m, Linear):
+                m.refresh_decode_weight(on_cpu)
         c = self.config
         hs = c.hidden_dim // c.num_heads
         return [KVCache(batch_size, c.num_kv_heads, self.num_pixels, hs, self.device, dtype)
