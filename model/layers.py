@@ -139,10 +139,13 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = Linear(dim, ratio * dim)
         self.proj = Linear(ratio * dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor, decoding: bool = False) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x, decoding), approximate="tanh"), decoding))
+        y = self.proj(F.gelu(self.fc(x, decoding), approximate="tanh"), decoding)
+        # Functional, and only when it drops: an identity nn.Dropout costs a module call
+        # per block in every decode step.
+        return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
 
 class DecoderBlock(nn.Module):
@@ -180,7 +183,8 @@ class DecoderBlock(nn.Module):
             assert text is not None, "a text-conditioned block needs the text keys/values"
             h = self.ln2(x)
             ctx = self.cross(h, *text, decoding)
-            x = x + torch.sigmoid(self.gate(torch.cat([h, ctx], dim=-1), decoding)) * ctx
+            x = torch.addcmul(x, torch.sigmoid(self.gate(torch.cat([h, ctx], dim=-1), decoding)),
+                              ctx)
         return x + self.mlp(self.ln3(x), decoding)
 
 
