@@ -26,8 +26,11 @@ class Linear(nn.Linear):
         if not enabled:
             self.weight_t = self._weight_t_key = None
             return
-        key = (self.weight.data_ptr(), self.weight._version)
-        if key != self._weight_t_key:
+        w = self.weight
+        # An inference tensor (a model built under inference_mode) has no version counter:
+        # its copy is remade every time.
+        key = None if w.is_inference() else (w.data_ptr(), w._version)
+        if key is None or key != self._weight_t_key:
             with torch.inference_mode(False), torch.no_grad():
                 self.weight_t = self.weight.t().contiguous()
             self._weight_t_key = key

@@ -54,6 +54,12 @@ def test_decode_weight_copies_follow_the_weights(make_model):
     assert torch.equal(after, fresh.generate(CAPTIONS[:1], **kw))
     assert not torch.equal(after, before)
     assert torch.equal(after, model.generate(CAPTIONS[:1], use_cache=False, **kw))
+    with torch.inference_mode():  # inference-tensor weights: no version counter to read
+        built = scrambled(make_model(), std=0.1)
+    assert torch.equal(built.generate(CAPTIONS[:1], **kw), before)
+    with torch.inference_mode():
+        built.load_state_dict(fresh.state_dict())
+    assert torch.equal(built.generate(CAPTIONS[:1], **kw), after)
 
 
 def test_greedy_cached_equals_uncached(make_model):
