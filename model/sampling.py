@@ -326,16 +326,17 @@ def decode_step(model: PromptPix, s: DecodeState) -> None:
         pos_all = torch.arange(t + 1, device=pos.device)
         h = model.decode(model.embed(_with_twins(seq, rp.gidx), pos_all, s.cond), s.text)
         h = h[:, -1:]
+    ts = pos * C + torch.arange(C, device=pos.device)  # (C,): this pixel's sub-pixels
+    u, given = s.u.index_select(1, ts), s.prefix.index_select(1, ts)  # (N, C) each
+    forced = pos < s.forced  # (N,)
     earlier: list[torch.Tensor] = []
     for c in range(C):
-        logits = model.channel_logits(h, earlier, pos, c)[:, 0]  # (B, 256)
-        t_c = pos * C + c
-        nxt = next_tokens(logits, rp, s.u.index_select(1, t_c).squeeze(1))  # (N,)
-        nxt = torch.where(pos < s.forced, s.prefix.index_select(1, t_c).squeeze(1), nxt)
+        logits = model.channel_logits(h, earlier, pos, c, s.caches is not None)[:, 0]  # (B, 256)
+        nxt = torch.where(forced, given[:, c], next_tokens(logits, rp, u[:, c]))  # (N,)
         logp = torch.log_softmax(logits[:N], dim=-1).gather(1, nxt[:, None]).squeeze(1)
         s.bits.sub_(logp.double() / math.log(2.0))
-        s.tokens.index_copy_(1, t_c, nxt[:, None])
         earlier.append(_with_twins(nxt, rp.gidx)[:, None])  # (B, 1)
+    s.tokens.index_copy_(1, ts, torch.cat(earlier, 1)[:N])
     s.pos.add_(1)
     if s.host_pos is not None:
         s.host_pos += 1
