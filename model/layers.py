@@ -11,38 +11,6 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same state dict) whose cached decode steps can read a
-    decode-time copy of the weight, transposed to (in, out) and contiguous: at batch 1-16 on
-    CPU, `x @ W_t` with that layout runs the decoder's products faster than `F.linear`'s
-    `x @ W.T` (docs/benchmarks.md). `PromptPix.new_caches` (once per request or static
-    decoder) calls `refresh_decode_weight`, which remakes the copy only when the weight has
-    changed since (an optimizer step, `load_state_dict`, a move), or drops it (CUDA)."""
-
-    weight_t: torch.Tensor | None = None
-    _weight_t_key: tuple[int, int] | None = None
-
-    def refresh_decode_weight(self, enabled: bool) -> None:
-        if not enabled:
-            self.weight_t = self._weight_t_key = None
-            return
-        w = self.weight
-        # An inference tensor (a model built under inference_mode) has no version counter:
-        # its copy is remade every time.
-        key = None if w.is_inference() else (w.data_ptr(), w._version)
-        if key is None or key != self._weight_t_key:
-            with torch.inference_mode(False), torch.no_grad():
-                self.weight_t = self.weight.t().contiguous()
-            self._weight_t_key = key
-
-    def forward(self, x: torch.Tensor, decoding: bool = False) -> torch.Tensor:
-        wt = self.weight_t
-        if not decoding or wt is None:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.addmm(self.bias, x.reshape(-1, wt.shape[0]), wt)
-        return y.view(*x.shape[:-1], wt.shape[1])
-
-
 class KVCache:
     """Preallocated keys and values of one layer, (B, nkv, T_max, hs) each, written by
     position (gpt-fast's static cache): training runs without one, prefill and every decode
@@ -72,8 +40,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, nh: int, nkv: int, dropout: float) -> None:
         super().__init__()
         self.nh, self.nkv, self.hs = nh, nkv, dim // nh
-        self.qkv = Linear(dim, dim + 2 * nkv * self.hs)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim + 2 * nkv * self.hs)
+        self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
@@ -86,8 +54,7 @@ class SelfAttention(nn.Module):
         B, S, D = x.shape
         nh, nkv, hs = self.nh, self.nkv, self.hs
         g = nh // nkv
-        decoding = cache is not None
-        q, k, v = self.qkv(x, decoding).split([D, nkv * hs, nkv * hs], dim=-1)
+        q, k, v = self.qkv(x).split([D, nkv * hs, nkv * hs], dim=-1)
         k = k.view(B, S, nkv, hs).transpose(1, 2)  # (B, nkv, S, hs)
         v = v.view(B, S, nkv, hs).transpose(1, 2)
         if cache is None:
@@ -108,7 +75,7 @@ class SelfAttention(nn.Module):
         m = mask.repeat(g, 1) if g > 1 and mask is not None else mask
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=m)
         y = y.view(B, nkv, g, S, hs).permute(0, 3, 1, 2, 4).reshape(B, S, D)
-        return self.proj(y, True)
+        return self.proj(y)
 
 
 class CrossAttention(nn.Module):
@@ -117,9 +84,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, nh: int, dropout: float) -> None:
         super().__init__()
         self.nh, self.hs = nh, dim // nh
-        self.q = Linear(dim, dim)
+        self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
     def text_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,24 +95,24 @@ class CrossAttention(nn.Module):
         k, v = self.kv(ctx).view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
         return k, v  # each (B, nh, L, hs)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                decoding: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+                ) -> torch.Tensor:
         B, S, D = x.shape
-        q = self.q(x, decoding).view(B, S, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
+        q = self.q(x).view(B, S, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D), decoding)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int, ratio: int, dropout: float) -> None:
         super().__init__()
-        self.fc = Linear(dim, ratio * dim)
-        self.proj = Linear(ratio * dim, dim)
+        self.fc = nn.Linear(dim, ratio * dim)
+        self.proj = nn.Linear(ratio * dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, decoding: bool = False) -> torch.Tensor:
-        y = self.proj(F.gelu(self.fc(x, decoding), approximate="tanh"), decoding)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
         # Functional, and only when it drops: an identity nn.Dropout costs a module call
         # per block in every decode step.
         return F.dropout(y, self.dropout) if self.training and self.dropout else y
@@ -164,7 +131,7 @@ class DecoderBlock(nn.Module):
             self.ln2 = nn.LayerNorm(D)
             self.cross = CrossAttention(D, c.num_heads, c.dropout)
             # Gate per position from [h; ctx]: a per-token sigmoid, never pooled over positions.
-            self.gate = Linear(2 * D, D)
+            self.gate = nn.Linear(2 * D, D)
         self.ln3 = nn.LayerNorm(D)
         self.mlp = MLP(D, c.mlp_ratio, c.dropout)
 
@@ -178,17 +145,14 @@ class DecoderBlock(nn.Module):
         length: int | None = None,
     ) -> torch.Tensor:
         """The one block code: training and the uncached reference (no cache), prefill and
-        every decode step, eager or compiled (a cache written at `input_pos`; the products
-        of a cached step read the decode-time weight layout where `Linear` has one)."""
-        decoding = cache is not None
+        every decode step, eager or compiled (a cache written at `input_pos`)."""
         x = x + self.attn(self.ln1(x), cache, mask, input_pos, length)
         if self.cross is not None:
             assert text is not None, "a text-conditioned block needs the text keys/values"
             h = self.ln2(x)
-            ctx = self.cross(h, *text, decoding)
-            x = torch.addcmul(x, torch.sigmoid(self.gate(torch.cat([h, ctx], dim=-1), decoding)),
-                              ctx)
-        return x + self.mlp(self.ln3(x), decoding)
+            ctx = self.cross(h, *text)
+            x = torch.addcmul(x, torch.sigmoid(self.gate(torch.cat([h, ctx], dim=-1))), ctx)
+        return x + self.mlp(self.ln3(x))
 
 
 class TextEncoderLayer(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import PromptPixError
-from .layers import DecoderBlock, KVCache, Linear, TextEncoder
+from .layers import DecoderBlock, KVCache, TextEncoder
 from .prior import image_tokens
 from .tokenizers import Tokenizer
 
@@ -79,8 +79,8 @@ class PromptPix(nn.Module):
         # (row c*256 + v), a residual GELU layer, then the 256-way readout.
         self.chan_emb = nn.Embedding(C, D)
         self.sub_emb = nn.Embedding((C - 1) * 256, D) if C > 1 else None
-        self.head_fc = Linear(D, D)
-        self.head = Linear(D, 256)
+        self.head_fc = nn.Linear(D, D)
+        self.head = nn.Linear(D, 256)
         self.freq_prior = (
             nn.Parameter(torch.zeros(c.seq_len, 256)) if c.use_frequency_prior else None
         )
@@ -231,15 +231,7 @@ class PromptPix(nn.Module):
         return x + where + cond[:, None]
 
     def new_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> list[KVCache]:
-        """One static KV cache per block for `batch_size` sequences of every pixel.
-
-        Also brings up to date the decode-time (in, out) weight copies that cached
-        steps read (`layers.Linear`): made on CPU, where they were measured to pay, and
-        remade only if a weight changed since; none on CUDA (F.linear's layout there)."""
-        on_cpu = self.device.type == "cpu"
-        for m in [*self.blocks.modules(), self.head_fc, self.head]:
-            if isinstance(m, Linear):
-                m.refresh_decode_weight(on_cpu)
+        """One static KV cache per block for `batch_size` sequences of every pixel."""
         c = self.config
         hs = c.hidden_dim // c.num_heads
         return [KVCache(batch_size, c.num_kv_heads, self.num_pixels, hs, self.device, dtype)
@@ -273,15 +265,14 @@ class PromptPix(nn.Module):
         return self.ln_f(x)
 
     def channel_logits(self, h: torch.Tensor, earlier: Sequence[torch.Tensor],
-                       pos: torch.Tensor, c: int, decoding: bool = False) -> torch.Tensor:
+                       pos: torch.Tensor, c: int) -> torch.Tensor:
         """fp32 logits (B, S, 256) of channel c at pixels `pos` (S,) from the decoder states h
-        (B, S, D) and the values `earlier[j]` (B, S) of the pixel's channels j < c.
-        `decoding`: a cached step's (the decode-time weight layout, `new_caches`)."""
+        (B, S, D) and the values `earlier[j]` (B, S) of the pixel's channels j < c."""
         z = h + self.chan_emb.weight[c]
         for j in range(c):
             z = z + self.sub_emb(earlier[j] + 256 * j)
-        z = z + F.gelu(self.head_fc(z, decoding), approximate="tanh")
-        logits = self.head(z, decoding).float()  # logits in fp32 whatever the autocast
+        z = z + F.gelu(self.head_fc(z), approximate="tanh")
+        logits = self.head(z).float()  # logits in fp32 whatever the autocast
         if self.freq_prior is not None:
             logits = logits + self.freq_prior.index_select(0, pos * self.config.channels + c)
         return logits

@@ -331,7 +331,7 @@ def decode_step(model: PromptPix, s: DecodeState) -> None:
     forced = pos < s.forced  # (N,)
     earlier: list[torch.Tensor] = []
     for c in range(C):
-        logits = model.channel_logits(h, earlier, pos, c, s.caches is not None)[:, 0]  # (B, 256)
+        logits = model.channel_logits(h, earlier, pos, c)[:, 0]  # (B, 256)
         nxt = torch.where(forced, given[:, c], next_tokens(logits, rp, u[:, c]))  # (N,)
         logp = torch.log_softmax(logits[:N], dim=-1).gather(1, nxt[:, None]).squeeze(1)
         s.bits.sub_(logp.double() / math.log(2.0))
