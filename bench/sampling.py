@@ -1,7 +1,8 @@
 """Sampling and training speed at the default width: per-pixel vs sub-pixel layout.
 
     python bench/sampling.py [--sizes 32] [--big 64] [--old-ref 5e05fe0] [--base-ref main] \
-        [--repeats 2] [--recompute-steps 64] [--train-batch 2] [--write docs/benchmarks.md]
+        [--repeats 3] [--repeats-b8 1] [--recompute-steps 64] [--train-batch 2] \
+        [--write docs/benchmarks.md]
 
 Both layouts run side by side in one process: this tree's `model` (one decoder step per
 pixel) and, from `--old-ref` (a commit before model v2), the sub-pixel model package, read
@@ -17,9 +18,10 @@ per-pixel model's uncached reference (a full forward per pixel, measured over th
 and training images/s (forward + backward + AdamW at `--train-batch`). `--big` sizes are
 sampled at batch 1 with the per-pixel model only (and `--base-ref`'s). Each package first
 samples one 8x8 image untimed (allocator and kernel warm-up). Sampling runs `--repeats`
-rounds interleaved across the layouts (the best of each is reported), so a change in the
-machine's load hits every layout alike. The memory copy bandwidth of a 64 MB
-copy is printed beside: absolute CPU figures move with it, ratios hold better.
+rounds at batch 1 (`--repeats-b8` at batch 8) interleaved across the layouts, the best of
+each reported, so a change in the machine's load hits every layout alike. The memory copy
+bandwidth of a 64 MB copy is printed beside: absolute CPU figures move with it, ratios hold
+better.
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1,
-                   help="rounds of sampling, interleaved across layouts; the best is kept")
+                   help="rounds of batch-1 sampling, interleaved across layouts; best kept")
+    p.add_argument("--repeats-b8", type=int, default=1, help="the same for batch 8")
     p.add_argument("--write", type=Path, default=None, help="append the table to this file")
     args = p.parse_args(argv)
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
@@ -170,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         # Sampling interleaved across the layouts, `--repeats` rounds, best of each: the
         # machine's load moves between rounds, not within one.
         best: dict[tuple[str, int], float] = {}
-        for _ in range(args.repeats):
-            for batch in (1, 8):
+        for batch, rounds in ((1, args.repeats), (8, args.repeats_b8)):
+            for _ in range(rounds):
                 for name, m in models.items():
                     t = time_sampling(m, batch)
                     best[name, batch] = min(best.get((name, batch), t), t)
