@@ -1,20 +1,27 @@
 """Sampling and training speed at the default width: per-pixel vs sub-pixel layout.
 
-    python bench/sampling.py [--sizes 32] [--big 64] [--old-ref 5e05fe0] \
-        [--recompute-steps 64] [--train-batch 2] [--write docs/benchmarks.md]
+    python bench/sampling.py [--sizes 32] [--big 64] [--old-ref 5e05fe0] [--base-ref main] \
+        [--repeats 3] [--repeats-b8 1] [--recompute-steps 64] [--train-batch 2] \
+        [--write docs/benchmarks.md]
 
 Both layouts run side by side in one process: this tree's `model` (one decoder step per
 pixel) and, from `--old-ref` (a commit before model v2), the sub-pixel model package, read
 with `git archive` into a temporary folder and imported under another name — the old
-layout's code lives nowhere in the tree. Default `ModelConfig` (decoder 256 x 8, text
+layout's code lives nowhere in the tree. `--base-ref` adds, the same way, the per-pixel
+model of another commit (e.g. `main`) sampled beside this tree's: a before/after of a
+change to the sampler, in one run. Default `ModelConfig` (decoder 256 x 8, text
 encoder 512 x 6), untrained weights (speed does not depend on them).
 
 Per size: seconds per image at batch 1 and 8 with the KV cache (both layouts), the
 per-pixel model's uncached reference (a full forward per pixel, measured over the first
 `--recompute-steps` pixels and extrapolated with a linear per-step cost fit: a lower bound)
 and training images/s (forward + backward + AdamW at `--train-batch`). `--big` sizes are
-sampled at batch 1 with the per-pixel model only. The memory copy bandwidth of a 64 MB
-copy is printed beside: absolute CPU figures move with it, ratios hold better.
+sampled at batch 1 with the per-pixel model only (and `--base-ref`'s). Each package first
+samples one 8x8 image untimed (allocator and kernel warm-up). Sampling runs `--repeats`
+rounds at batch 1 (`--repeats-b8` at batch 8) interleaved across the layouts, the best of
+each reported, so a change in the machine's load hits every layout alike. The memory copy
+bandwidth of a 64 MB copy is printed beside: absolute CPU figures move with it, ratios hold
+better.
 """
 
 from __future__ import annotations
@@ -38,18 +45,19 @@ import model as new_model
 from model.tokenizers import build_tokenizer
 
 PROMPT = "a large red circle in the top left on a white background"
-OLD_PACKAGE = "model_subpixel"
 
 
-def load_old(ref: str, into: Path) -> ModuleType:
-    """The model package of commit `ref`, importable as `model_subpixel`."""
+def load_ref(ref: str, into: Path, name: str) -> ModuleType:
+    """The model package of commit `ref`, importable as `name`."""
     blob = subprocess.run(["git", "archive", ref, "model"], check=True, capture_output=True,
                           cwd=Path(__file__).resolve().parents[1]).stdout
+    folder = into / name
+    folder.mkdir()
     with tarfile.open(fileobj=BytesIO(blob)) as tar:
-        tar.extractall(into, filter="data")
-    (into / "model").rename(into / OLD_PACKAGE)
-    sys.path.insert(0, str(into))
-    return importlib.import_module(OLD_PACKAGE)
+        tar.extractall(folder, filter="data")
+    (folder / "model").rename(folder / name)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(name)
 
 
 def copy_bandwidth() -> float:
@@ -69,6 +77,10 @@ def build(pkg: ModuleType, size: int):
     cfg = pkg.ModelConfig(image_size=size, channels=3, vocab_size=len(tok), max_text_length=64)
     torch.manual_seed(0)
     return pkg.PromptPix(cfg, tok).eval()
+
+
+def warm_up(pkg: ModuleType) -> None:
+    build(pkg, 8).generate([PROMPT], seed=0)
 
 
 def time_sampling(m, batch: int) -> float:
@@ -123,15 +135,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[32])
     p.add_argument("--big", type=int, nargs="*", default=[64])
     p.add_argument("--old-ref", default="5e05fe0", help="a commit with the sub-pixel layout")
+    p.add_argument("--base-ref", default=None,
+                   help="a commit with the per-pixel layout to sample beside this tree's")
     p.add_argument("--recompute-steps", type=int, default=64)
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of batch-1 sampling, interleaved across layouts; best kept")
+    p.add_argument("--repeats-b8", type=int, default=1, help="the same for batch 8")
     p.add_argument("--write", type=Path, default=None, help="append the table to this file")
     args = p.parse_args(argv)
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
     tmp = tempfile.TemporaryDirectory()
-    old = load_old(args.old_ref, Path(tmp.name))
+    old = load_ref(args.old_ref, Path(tmp.name), "model_subpixel")
+    layouts = [("per-pixel", new_model), ("sub-pixel", old)]
+    base = None
+    if args.base_ref:
+        base = load_ref(args.base_ref, Path(tmp.name), "model_base")
+        layouts.insert(1, (f"per-pixel {args.base_ref}", base))
+    for _, pkg in layouts:
+        warm_up(pkg)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -145,32 +169,53 @@ def main(argv: list[str] | None = None) -> int:
     print(lines[0], flush=True)
     ratios = []
     for size in args.sizes:
+        models = {name: build(pkg, size) for name, pkg in layouts}
+        # Sampling interleaved across the layouts, `--repeats` rounds, best of each: the
+        # machine's load moves between rounds, not within one.
+        best: dict[tuple[str, int], float] = {}
+        for batch, rounds in ((1, args.repeats), (8, args.repeats_b8)):
+            for _ in range(rounds):
+                for name, m in models.items():
+                    t = time_sampling(m, batch)
+                    best[name, batch] = min(best.get((name, batch), t), t)
         got = {}
-        for name, pkg in (("per-pixel", new_model), ("sub-pixel", old)):
-            m = build(pkg, size)
-            steps = size * size * (1 if pkg is new_model else 3)
-            b1, b8 = time_sampling(m, 1), time_sampling(m, 8)
-            train = time_training(m, args.train_batch, args.train_steps)
+        for name, pkg in layouts:
+            m = models[name]
+            steps = size * size * (3 if pkg is old else 1)
+            b1, b8 = best[name, 1], best[name, 8]
+            # Training runs the same code in both per-pixel trees: timed for this one only.
+            train = float("nan") if pkg is base else \
+                time_training(m, args.train_batch, args.train_steps)
             rec = ratio = "-"
             if pkg is new_model:
                 r = time_recompute(m, args.recompute_steps)
                 rec, ratio = f"{r:,.1f}", f"{r / b1:,.0f}x"
             got[name] = (b1, b8, train)
             row = (f"| {size}x{size}x3 | {name} | {steps:,} | {m.num_parameters() / 1e6:.2f}M "
-                   f"| {b1:.2f} | {b8:.2f} | {train:.2f} | {rec} | {ratio} |")
+                   f"| {b1:.2f} | {b8:.2f} | {'-' if pkg is base else f'{train:.2f}'} | {rec} "
+                   f"| {ratio} |")
             print(row, flush=True)
             lines.append(row)
         n, o = got["per-pixel"], got["sub-pixel"]
         ratios.append(f"{size}x{size}: per-pixel / sub-pixel speed-up: batch 1 "
                       f"{o[0] / n[0]:.2f}x, batch 8 {o[1] / n[1]:.2f}x, training "
                       f"{n[2] / o[2]:.2f}x")
+        if args.base_ref:
+            b = got[f"per-pixel {args.base_ref}"]
+            ratios.append(f"{size}x{size}: this tree / {args.base_ref}: batch 1 "
+                          f"{b[0] / n[0]:.2f}x, batch 8 {b[1] / n[1]:.2f}x")
     for size in args.big:
-        m = build(new_model, size)
-        b1 = time_sampling(m, 1)
-        row = (f"| {size}x{size}x3 | per-pixel | {size * size:,} | "
-               f"{m.num_parameters() / 1e6:.2f}M | {b1:.2f} | - | - | - | - |")
-        print(row, flush=True)
-        lines.append(row)
+        models = {name: build(pkg, size) for name, pkg in layouts if pkg is not old}
+        best = {}
+        for _ in range(args.repeats):
+            for name, m in models.items():
+                t = time_sampling(m, 1)
+                best[name, 1] = min(best.get((name, 1), t), t)
+        for name, m in models.items():
+            row = (f"| {size}x{size}x3 | {name} | {size * size:,} | "
+                   f"{m.num_parameters() / 1e6:.2f}M | {best[name, 1]:.2f} | - | - | - | - |")
+            print(row, flush=True)
+            lines.append(row)
     lines += ["", *ratios, f"64 MB copy {copy_bandwidth():.1f} GB/s (after)"]
     print("\n".join(lines[-len(ratios) - 1:]), flush=True)
     if args.write:

@@ -8,8 +8,10 @@ encoder runs once per batch eagerly. Shapes are made static so CUDA graphs
   rows (empty prompt, parameters that filter nothing), and once any row is guided every
   row gets an unconditional twin, so the network batch is `Nb` or `2 * Nb`;
 - the text keys/values are padded to a power-of-two length (masked);
-- self-attention reads the whole preallocated cache, masked beyond the pixel (as every
-  cached step does: `model.sampling.decode_step` is the one step, eager or compiled);
+- self-attention reads the whole preallocated cache, masked beyond the pixel
+  (`model.sampling.decode_step` is the one step, eager or compiled; the eager sampler
+  gives it the filled length on the host and it attends over that view of the cache, a
+  shape that changes every step, which static shapes cannot);
 - the position, the sampled tokens and the uniforms live in device buffers the step
   reads and advances itself, so a step takes no per-step input and nothing goes back to
   the host; the caller reads the tokens only when it reports a finished row.

@@ -14,8 +14,9 @@ from .config import ModelConfig
 class KVCache:
     """Preallocated keys and values of one layer, (B, nkv, T_max, hs) each, written by
     position (gpt-fast's static cache): training runs without one, prefill and every decode
-    step (eager or compiled) write theirs at `input_pos` and attend over the whole cache
-    under a mask, so one code path serves them all with static shapes."""
+    step (eager or compiled) write theirs at `input_pos`, so one code path serves them all.
+    The compiled step attends over the whole cache under a mask (static shapes); the eager
+    one over a view of its filled part."""
 
     def __init__(self, B: int, nkv: int, T: int, hs: int, device: torch.device,
                  dtype: torch.dtype) -> None:
@@ -44,11 +45,12 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                length: int | None = None) -> torch.Tensor:
         """x (B, S, D). Without a cache: causal over the S positions (training, the uncached
         reference). With one: k, v are written at `input_pos` (S,) and the queries attend to
-        the whole cache under `mask` (S, T_max), True where visible."""
+        the cache's first `length` positions (a view; None: the whole static cache) under
+        `mask` (S, length or T_max), True where visible; None when all of them are."""
         B, S, D = x.shape
         nh, nkv, hs = self.nh, self.nkv, self.hs
         g = nh // nkv
@@ -63,12 +65,14 @@ class SelfAttention(nn.Module):
             drop = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
             return self.proj(y.transpose(1, 2).reshape(B, S, D))
-        assert mask is not None and input_pos is not None, "a cached step needs mask, input_pos"
+        assert input_pos is not None, "a cached step needs input_pos"
         k, v = cache.update(input_pos, k, v)  # (B, nkv, T_max, hs)
+        if length is not None:
+            k, v = k[:, :, :length], v[:, :, :length]
         # The g query heads of a group are independent queries over the same keys: they ride
         # in the query-length dimension (no copy of the keys), the mask tiled to match.
         q = q.view(B, S, nkv, g, hs).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * S, hs)
-        m = mask.repeat(g, 1) if g > 1 else mask
+        m = mask.repeat(g, 1) if g > 1 and mask is not None else mask
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=m)
         y = y.view(B, nkv, g, S, hs).permute(0, 3, 1, 2, 4).reshape(B, S, D)
         return self.proj(y)
@@ -91,7 +95,8 @@ class CrossAttention(nn.Module):
         k, v = self.kv(ctx).view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
         return k, v  # each (B, nh, L, hs)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+                ) -> torch.Tensor:
         B, S, D = x.shape
         q = self.q(x).view(B, S, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
         drop = self.dropout if self.training else 0.0
@@ -104,10 +109,13 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, ratio * dim)
         self.proj = nn.Linear(ratio * dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        # Functional, and only when it drops: an identity nn.Dropout costs a module call
+        # per block in every decode step.
+        return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
 
 class DecoderBlock(nn.Module):
@@ -134,15 +142,16 @@ class DecoderBlock(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
+        length: int | None = None,
     ) -> torch.Tensor:
         """The one block code: training and the uncached reference (no cache), prefill and
         every decode step, eager or compiled (a cache written at `input_pos`)."""
-        x = x + self.attn(self.ln1(x), cache, mask, input_pos)
+        x = x + self.attn(self.ln1(x), cache, mask, input_pos, length)
         if self.cross is not None:
             assert text is not None, "a text-conditioned block needs the text keys/values"
             h = self.ln2(x)
             ctx = self.cross(h, *text)
-            x = x + torch.sigmoid(self.gate(torch.cat([h, ctx], dim=-1))) * ctx
+            x = torch.addcmul(x, torch.sigmoid(self.gate(torch.cat([h, ctx], dim=-1))), ctx)
         return x + self.mlp(self.ln3(x))
 
 

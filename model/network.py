@@ -243,19 +243,25 @@ class PromptPix(nn.Module):
         text: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
         caches: list[KVCache] | None = None,
         input_pos: torch.Tensor | None = None,
+        length: int | None = None,
     ) -> torch.Tensor:
         """The decoder over inputs x (B, S, D) -> normalised states (B, S, D).
 
         Without caches, x is pixels 0..S-1 (training, the uncached reference). With them
         (`new_caches`), x is pixels `input_pos` (S,) — a prefill or one decode step — and
-        each block writes its keys/values there and attends to every earlier pixel."""
+        each block writes its keys/values there and attends to every earlier pixel:
+        over the whole static cache under a mask when `length` is None (static shapes, the
+        compiled step), else over a view of its first `length` = max(input_pos) + 1
+        positions (the eager step, which knows it on the host)."""
         mask = None
         if caches is not None:
             assert input_pos is not None, "a cached decode needs input_pos"
-            mask = input_pos[:, None] >= torch.arange(self.num_pixels, device=x.device)
+            if length is None or x.shape[1] > 1:  # one query at length - 1 sees all of them
+                T = self.num_pixels if length is None else length
+                mask = input_pos[:, None] >= torch.arange(T, device=x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, text[i] if text is not None else None,
-                      None if caches is None else caches[i], mask, input_pos)
+                      None if caches is None else caches[i], mask, input_pos, length)
         return self.ln_f(x)
 
     def channel_logits(self, h: torch.Tensor, earlier: Sequence[torch.Tensor],

@@ -275,6 +275,8 @@ class DecodeState:
     conditional logits (before guidance and filtering). `caches` None: every step
     recomputes the full forward (the uncached reference). Pixels below `forced` (N,) of a
     row take their sub-pixels from `prefix` (N, H*W*C) instead of sampling them.
+    `host_pos` mirrors `pos` on the host for the eager step, which then attends over the
+    filled part of the caches only; None (static shapes, compiled) attends over all of it.
     """
 
     cond: torch.Tensor  # (B, D)
@@ -287,6 +289,7 @@ class DecodeState:
     prefix: torch.Tensor  # (N, H*W*C) long
     forced: torch.Tensor  # (N,) long: pixels taken from `prefix`
     pos: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
+    host_pos: int | None = None
 
     def buffers(self) -> list[torch.Tensor]:
         rp = self.rp
@@ -315,24 +318,28 @@ def decode_step(model: PromptPix, s: DecodeState) -> None:
     if s.caches is not None:
         prev = pixels.index_select(1, (pos - 1).clamp(min=0))  # (N, 1, C)
         x = model.embed(_with_twins(prev, rp.gidx), pos, s.cond)
-        h = model.decode(x, s.text, s.caches, pos)  # (B, 1, D)
+        length = None if s.host_pos is None else s.host_pos + 1
+        h = model.decode(x, s.text, s.caches, pos, length)  # (B, 1, D)
     else:  # the reference: a full causal forward over pixels 0..pos
         t = int(pos.item())
         seq = torch.cat([pixels[:, :1], pixels[:, :t]], 1)  # (N, t+1, C); pixel 0's ignored
         pos_all = torch.arange(t + 1, device=pos.device)
         h = model.decode(model.embed(_with_twins(seq, rp.gidx), pos_all, s.cond), s.text)
         h = h[:, -1:]
+    ts = pos * C + torch.arange(C, device=pos.device)  # (C,): this pixel's sub-pixels
+    u, given = s.u.index_select(1, ts), s.prefix.index_select(1, ts)  # (N, C) each
+    forced = pos < s.forced  # (N,)
     earlier: list[torch.Tensor] = []
     for c in range(C):
         logits = model.channel_logits(h, earlier, pos, c)[:, 0]  # (B, 256)
-        t_c = pos * C + c
-        nxt = next_tokens(logits, rp, s.u.index_select(1, t_c).squeeze(1))  # (N,)
-        nxt = torch.where(pos < s.forced, s.prefix.index_select(1, t_c).squeeze(1), nxt)
+        nxt = torch.where(forced, given[:, c], next_tokens(logits, rp, u[:, c]))  # (N,)
         logp = torch.log_softmax(logits[:N], dim=-1).gather(1, nxt[:, None]).squeeze(1)
         s.bits.sub_(logp.double() / math.log(2.0))
-        s.tokens.index_copy_(1, t_c, nxt[:, None])
         earlier.append(_with_twins(nxt, rp.gidx)[:, None])  # (B, 1)
+    s.tokens.index_copy_(1, ts, torch.cat(earlier, 1)[:N])
     s.pos.add_(1)
+    if s.host_pos is not None:
+        s.host_pos += 1
 
 
 def prepare_state(model: PromptPix, rows: _Rows, rp: RowParams, use_cache: bool,
@@ -350,7 +357,7 @@ def prepare_state(model: PromptPix, rows: _Rows, rp: RowParams, use_cache: bool,
         rp=rp, u=rows.u.to(device), tokens=torch.zeros(N, T, dtype=torch.long, device=device),
         bits=torch.zeros(N, dtype=torch.float64, device=device),
         prefix=rows.prefix.to(device), forced=torch.tensor(rows.forced, device=device),
-        pos=torch.zeros(1, dtype=torch.long, device=device))
+        pos=torch.zeros(1, dtype=torch.long, device=device), host_pos=0)
 
 
 def twin_texts(rows: _Rows, rp: RowParams) -> list[str]:

@@ -13,9 +13,12 @@ from .conftest import CAPTIONS, scrambled
 @pytest.mark.parametrize(
     "overrides", [dict(), dict(use_text=False, num_classes=3), dict(channels=1)]
 )
-def test_prefill_and_decode_equal_full_forward(make_model, overrides):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_prefill_and_decode_equal_full_forward(make_model, overrides, sliced):
     """The cached path (a prefill of k pixels, then one pixel per step, each written into
-    the static cache by position) gives the full forward's logits for every sub-pixel."""
+    the static cache by position) gives the full forward's logits for every sub-pixel,
+    attending over the whole static cache under a mask (the compiled step) or over a view
+    of its filled part (`length`, the eager step)."""
     model = scrambled(make_model(**overrides), std=0.1)
     c = model.config
     C, P = c.channels, model.num_pixels
@@ -32,7 +35,8 @@ def test_prefill_and_decode_equal_full_forward(make_model, overrides):
         k = 5  # prefill a prefix, then one pixel at a time
         chunks = [torch.arange(k)] + [torch.tensor([p]) for p in range(k, P)]
         for pos in chunks:
-            h = model.decode(model.embed(prev[:, pos], pos, cond), text, caches, pos)
+            length = int(pos.max()) + 1 if sliced else None
+            h = model.decode(model.embed(prev[:, pos], pos, cond), text, caches, pos, length)
             earlier = values[:, pos].unbind(-1)
             got = torch.stack([model.channel_logits(h, earlier, pos, ch) for ch in range(C)], 2)
             assert (got - full[:, pos]).abs().max().item() <= 1e-4, f"pixels {pos.tolist()}"
