@@ -26,15 +26,18 @@ class KVCache:
     position (gpt-fast's static cache): training runs without one, prefill and every decode
     step (eager or compiled) write theirs at `input_pos`, so one code path serves them all.
     The compiled step attends over the whole cache under a mask (static shapes); the eager
-    one over a view of its filled part."""
+    one over a view of its filled part. `fold`: the block's `DecoderBlock.fold_cross()` of
+    the weights the cache is made for, computed once instead of every step."""
 
     def __init__(self, B: int, nkv: int, T: int, hs: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, fold: tuple[torch.Tensor, ...] | None = None) -> None:
         self.k = torch.zeros(B, nkv, T, hs, device=device, dtype=dtype)
         self.v = torch.zeros(B, nkv, T, hs, device=device, dtype=dtype)
+        self.fold = fold
 
     def buffers(self) -> list[torch.Tensor]:
-        return [self.k, self.v]
+        """The tensors a step reads by address (static for CUDA graphs)."""
+        return [self.k, self.v, *(self.fold or ())]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +108,18 @@ class CrossAttention(nn.Module):
         k, v = _linear(self.kv, ctx).view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
         return k, v  # each (B, nh, L, hs)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-                ) -> torch.Tensor:
-        B, S, D = x.shape
-        q = _linear(self.q, x).view(B, S, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+               ) -> torch.Tensor:
+        """Projected queries q (B, S, D) over the text -> (B, S, D), before `proj`."""
+        B, S, D = q.shape
+        q = q.view(B, S, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        return _linear(self.proj, y.transpose(1, 2).reshape(B, S, D))
+        return y.transpose(1, 2).reshape(B, S, D)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+                ) -> torch.Tensor:
+        return _linear(self.proj, self.attend(_linear(self.q, x), k, v, mask))
 
 
 class MLP(nn.Module):
@@ -159,11 +167,26 @@ class DecoderBlock(nn.Module):
         x = x + self.attn(_norm(self.ln1, x), cache, mask, input_pos, length)
         if self.cross is not None:
             assert text is not None, "a text-conditioned block needs the text keys/values"
-            h = _norm(self.ln2, x)
-            ctx = self.cross(h, *text)
-            gate = torch.sigmoid(_linear(self.gate, torch.cat([h, ctx], dim=-1)))
-            x = torch.addcmul(x, gate, ctx)
+            fold = cache.fold if cache is not None else None
+            w_qh, b_qh, w_oc, b_oc = fold or self.fold_cross()
+            q, gate_h = F.linear(_norm(self.ln2, x), w_qh, b_qh).chunk(2, dim=-1)
+            ctx, gate_c = F.linear(self.cross.attend(q, *text), w_oc, b_oc).chunk(2, dim=-1)
+            x = torch.addcmul(x, torch.sigmoid(gate_h + gate_c), ctx)
         return x + self.mlp(_norm(self.ln3, x))
+
+    def fold_cross(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cross-attention's two products with the gate folded in (the retired sub-pixel
+        `DecodeStep`'s fold): with gate = W_h h + W_c ctx + b and ctx = W_o y + b_o,
+        `[q | W_h h + b]` is one product of h, `[ctx | W_c ctx]` one of the attention output
+        y: weights [W_q; W_h] and [W_o; W_c W_o], biases [b_q; b] and [b_o; W_c b_o]. Exact
+        up to rounding; every path uses it (a cache holds it computed once)."""
+        D = self.ln2.normalized_shape[0]
+        cr, g = self.cross, self.gate
+        assert cr is not None
+        w_h, w_c = g.weight[:, :D], g.weight[:, D:]
+        return (torch.cat([cr.q.weight, w_h]), torch.cat([cr.q.bias, g.bias]),
+                torch.cat([cr.proj.weight, w_c @ cr.proj.weight]),
+                torch.cat([cr.proj.bias, w_c @ cr.proj.bias]))
 
 
 class TextEncoderLayer(nn.Module):
