@@ -42,8 +42,10 @@ class KVCache:
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, S, hs) at positions `input_pos` (S,); return the whole cache."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        if k.dtype != self.k.dtype:
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
 
@@ -82,13 +84,19 @@ class SelfAttention(nn.Module):
         k, v = cache.update(input_pos, k, v)  # (B, nkv, T_max, hs)
         if length is not None:
             k, v = k[:, :, :length], v[:, :, :length]
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
         # The g query heads of a group are independent queries over the same keys: they ride
-        # in the query-length dimension (no copy of the keys), the mask tiled to match.
-        q = q.view(B, S, nkv, g, hs).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * S, hs)
-        m = mask.repeat(g, 1) if g > 1 and mask is not None else mask
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=m)
-        y = y.view(B, nkv, g, S, hs).permute(0, 3, 1, 2, 4).reshape(B, S, D)
-        return _linear(self.proj, y)
+        # in the query-length dimension ordered (position, head), no copy of the keys, the
+        # mask tiled to match; one reshape with one key head or one position (a view in a step).
+        flat = nkv == 1 or S == 1
+        q = q.reshape(B, nkv, S * g, hs) if flat else \
+            q.view(B, S, nkv, g, hs).transpose(1, 2).reshape(B, nkv, S * g, hs)
+        m = mask.repeat_interleave(g, dim=0) if g > 1 and mask is not None else mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        if not flat:
+            y = y.view(B, nkv, S, g, hs).transpose(1, 2)
+        return _linear(self.proj, y.reshape(B, S, D))
 
 
 class CrossAttention(nn.Module):
