@@ -232,12 +232,12 @@ class PromptPix(nn.Module):
 
     def new_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> list[KVCache]:
         """One static KV cache per block for `batch_size` sequences of every pixel, with the
-        block's folded cross-attention weights as they are now (made again for new weights)."""
+        block's `weights()` as they are now (make new caches for new weights)."""
         c = self.config
         hs = c.hidden_dim // c.num_heads
         with torch.no_grad():
             return [KVCache(batch_size, c.num_kv_heads, self.num_pixels, hs, self.device, dtype,
-                            b.fold_cross() if b.cross is not None else None)
+                            b.weights())
                     for b in self.blocks]
 
     def decode(
