@@ -4,11 +4,51 @@ decoder blocks, and the scratch text encoder. Everything on the image side is pe
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+
+# The layers' weight products and norms are called functionally on (weight, bias) pairs: a
+# module call costs ~1 µs of dispatch and a parameter read through nn.Module ~0.5 µs, which
+# a batch-1 decode step pays dozens of times a block (see `_Weights`).
+_Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def _pair(m: nn.Linear | nn.LayerNorm) -> _Pair:
+    return m.weight, m.bias
+
+
+def _linear(x: torch.Tensor, p: _Pair) -> torch.Tensor:
+    return F.linear(x, p[0], p[1])
+
+
+def _norm(x: torch.Tensor, p: _Pair) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], p[0], p[1])  # nn.LayerNorm's default eps
+
+
+def _mlp(x: torch.Tensor, fc: _Pair, out: _Pair, drop: float) -> torch.Tensor:
+    y = _linear(F.gelu(_linear(x, fc), approximate="tanh"), out)
+    # Functional, and only when it drops: an identity nn.Dropout costs a module call.
+    return F.dropout(y, drop) if drop else y
+
+
+class _Weights(NamedTuple):
+    """One decoder block's tensors as its forward reads them (`DecoderBlock.weights`): its
+    parameters themselves (no copies) and the cross-attention's two products with the gate
+    folded in. A KV cache holds them made once; without a cache they are made each call."""
+    ln1: _Pair
+    qkv: _Pair
+    proj: _Pair
+    ln3: _Pair
+    fc: _Pair
+    out: _Pair
+    ln2: _Pair | None
+    qh: _Pair | None  # [W_q; W_h], [b_q; b_gate]
+    oc: _Pair | None  # [W_o; W_c W_o], [b_o; W_c b_o]
 
 
 class KVCache:
@@ -16,21 +56,26 @@ class KVCache:
     position (gpt-fast's static cache): training runs without one, prefill and every decode
     step (eager or compiled) write theirs at `input_pos`, so one code path serves them all.
     The compiled step attends over the whole cache under a mask (static shapes); the eager
-    one over a view of its filled part."""
+    one over a view of its filled part. `weights`: its block's `DecoderBlock.weights()`,
+    made once for the weights the cache is made for (a new cache for new weights)."""
 
     def __init__(self, B: int, nkv: int, T: int, hs: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, weights: _Weights) -> None:
         self.k = torch.zeros(B, nkv, T, hs, device=device, dtype=dtype)
         self.v = torch.zeros(B, nkv, T, hs, device=device, dtype=dtype)
+        self.weights = weights
 
     def buffers(self) -> list[torch.Tensor]:
-        return [self.k, self.v]
+        """The tensors a step reads by address (static for CUDA graphs)."""
+        return [self.k, self.v, *(t for pair in self.weights if pair is not None for t in pair)]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, S, hs) at positions `input_pos` (S,); return the whole cache."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        if k.dtype != self.k.dtype:
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
 
@@ -44,17 +89,18 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, qkv: _Pair, proj: _Pair, cache: KVCache | None = None,
                 mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
                 length: int | None = None) -> torch.Tensor:
-        """x (B, S, D). Without a cache: causal over the S positions (training, the uncached
-        reference). With one: k, v are written at `input_pos` (S,) and the queries attend to
-        the cache's first `length` positions (a view; None: the whole static cache) under
-        `mask` (S, length or T_max), True where visible; None when all of them are."""
+        """x (B, S, D), the weights `qkv` and `proj` (`_Weights`). Without a cache: causal
+        over the S positions (training, the uncached reference). With one: k, v are written
+        at `input_pos` (S,) and the queries attend to the cache's first `length` positions (a
+        view; None: the whole static cache) under `mask` (S, length or T_max), True where
+        visible; None when all of them are."""
         B, S, D = x.shape
         nh, nkv, hs = self.nh, self.nkv, self.hs
         g = nh // nkv
-        q, k, v = self.qkv(x).split([D, nkv * hs, nkv * hs], dim=-1)
+        q, k, v = _linear(x, qkv).split([D, nkv * hs, nkv * hs], dim=-1)
         k = k.view(B, S, nkv, hs).transpose(1, 2)  # (B, nkv, S, hs)
         v = v.view(B, S, nkv, hs).transpose(1, 2)
         if cache is None:
@@ -64,18 +110,24 @@ class SelfAttention(nn.Module):
                 v = v.repeat_interleave(g, dim=1)
             drop = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-            return self.proj(y.transpose(1, 2).reshape(B, S, D))
+            return _linear(y.transpose(1, 2).reshape(B, S, D), proj)
         assert input_pos is not None, "a cached step needs input_pos"
         k, v = cache.update(input_pos, k, v)  # (B, nkv, T_max, hs)
         if length is not None:
             k, v = k[:, :, :length], v[:, :, :length]
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
         # The g query heads of a group are independent queries over the same keys: they ride
-        # in the query-length dimension (no copy of the keys), the mask tiled to match.
-        q = q.view(B, S, nkv, g, hs).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * S, hs)
-        m = mask.repeat(g, 1) if g > 1 and mask is not None else mask
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=m)
-        y = y.view(B, nkv, g, S, hs).permute(0, 3, 1, 2, 4).reshape(B, S, D)
-        return self.proj(y)
+        # in the query-length dimension ordered (position, head), no copy of the keys, the
+        # mask tiled to match; one reshape with one key head or one position (a view in a step).
+        flat = nkv == 1 or S == 1
+        q = q.reshape(B, nkv, S * g, hs) if flat else \
+            q.view(B, S, nkv, g, hs).transpose(1, 2).reshape(B, nkv, S * g, hs)
+        m = mask.repeat_interleave(g, dim=0) if g > 1 and mask is not None else mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        if not flat:
+            y = y.view(B, nkv, S, g, hs).transpose(1, 2)
+        return _linear(y.reshape(B, S, D), proj)
 
 
 class CrossAttention(nn.Module):
@@ -92,16 +144,21 @@ class CrossAttention(nn.Module):
     def text_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the text states (B, L, D), computed once per request."""
         B, L, D = ctx.shape
-        k, v = self.kv(ctx).view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
+        k, v = _linear(ctx, _pair(self.kv)).view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
         return k, v  # each (B, nh, L, hs)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+               ) -> torch.Tensor:
+        """Projected queries q (B, S, D) over the text -> (B, S, D), before `proj`."""
+        B, S, D = q.shape
+        q = q.view(B, S, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return y.transpose(1, 2).reshape(B, S, D)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                 ) -> torch.Tensor:
-        B, S, D = x.shape
-        q = self.q(x).view(B, S, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
-        drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        return _linear(self.attend(_linear(x, _pair(self.q)), k, v, mask), _pair(self.proj))
 
 
 class MLP(nn.Module):
@@ -112,10 +169,7 @@ class MLP(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
-        # Functional, and only when it drops: an identity nn.Dropout costs a module call
-        # per block in every decode step.
-        return F.dropout(y, self.dropout) if self.training and self.dropout else y
+        return _mlp(x, _pair(self.fc), _pair(self.proj), self.dropout if self.training else 0.0)
 
 
 class DecoderBlock(nn.Module):
@@ -134,6 +188,7 @@ class DecoderBlock(nn.Module):
             self.gate = nn.Linear(2 * D, D)
         self.ln3 = nn.LayerNorm(D)
         self.mlp = MLP(D, c.mlp_ratio, c.dropout)
+        self.dropout = c.dropout
 
     def forward(
         self,
@@ -145,14 +200,35 @@ class DecoderBlock(nn.Module):
         length: int | None = None,
     ) -> torch.Tensor:
         """The one block code: training and the uncached reference (no cache), prefill and
-        every decode step, eager or compiled (a cache written at `input_pos`)."""
-        x = x + self.attn(self.ln1(x), cache, mask, input_pos, length)
-        if self.cross is not None:
+        every decode step, eager or compiled (a cache written at `input_pos`, holding the
+        block's `weights()`)."""
+        w = self.weights() if cache is None else cache.weights
+        x = x + self.attn(_norm(x, w.ln1), w.qkv, w.proj, cache, mask, input_pos, length)
+        if w.qh is not None and w.oc is not None and w.ln2 is not None:
             assert text is not None, "a text-conditioned block needs the text keys/values"
-            h = self.ln2(x)
-            ctx = self.cross(h, *text)
-            x = torch.addcmul(x, torch.sigmoid(self.gate(torch.cat([h, ctx], dim=-1))), ctx)
-        return x + self.mlp(self.ln3(x))
+            q, gate_h = _linear(_norm(x, w.ln2), w.qh).chunk(2, dim=-1)
+            ctx, gate_c = _linear(self.cross.attend(q, *text), w.oc).chunk(2, dim=-1)
+            x = torch.addcmul(x, torch.sigmoid(gate_h + gate_c), ctx)
+        return x + _mlp(_norm(x, w.ln3), w.fc, w.out, self.dropout if self.training else 0.0)
+
+    def weights(self) -> _Weights:
+        """The tensors the forward reads: the parameters, and the cross-attention's products
+        with the gate folded in (the retired sub-pixel `DecodeStep`'s fold): with gate =
+        W_h h + W_c ctx + b and ctx = W_o y + b_o, `[q | W_h h + b]` is one product of h,
+        `[ctx | W_c ctx]` one of the attention output y — weights [W_q; W_h] and
+        [W_o; W_c W_o], biases [b_q; b] and [b_o; W_c b_o]. Exact up to rounding, and every
+        path uses it."""
+        ln2 = qh = oc = None
+        if self.cross is not None:
+            D = self.ln1.normalized_shape[0]
+            cr, g = self.cross, self.gate
+            w_h, w_c = g.weight[:, :D], g.weight[:, D:]
+            ln2 = _pair(self.ln2)
+            qh = torch.cat([cr.q.weight, w_h]), torch.cat([cr.q.bias, g.bias])
+            oc = (torch.cat([cr.proj.weight, w_c @ cr.proj.weight]),
+                  torch.cat([cr.proj.bias, w_c @ cr.proj.bias]))
+        return _Weights(_pair(self.ln1), _pair(self.attn.qkv), _pair(self.attn.proj),
+                        _pair(self.ln3), _pair(self.mlp.fc), _pair(self.mlp.proj), ln2, qh, oc)
 
 
 class TextEncoderLayer(nn.Module):
@@ -166,9 +242,9 @@ class TextEncoderLayer(nn.Module):
         self.mlp = MLP(dim, 4, dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln1(x)
+        h = _norm(x, _pair(self.ln1))
         x = x + self.attn(h, *self.attn.text_kv(h), mask)
-        return x + self.mlp(self.ln2(x))
+        return x + self.mlp(_norm(x, _pair(self.ln2)))
 
 
 class TextEncoder(nn.Module):

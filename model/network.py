@@ -231,11 +231,14 @@ class PromptPix(nn.Module):
         return x + where + cond[:, None]
 
     def new_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> list[KVCache]:
-        """One static KV cache per block for `batch_size` sequences of every pixel."""
+        """One static KV cache per block for `batch_size` sequences of every pixel, with the
+        block's `weights()` as they are now (make new caches for new weights)."""
         c = self.config
         hs = c.hidden_dim // c.num_heads
-        return [KVCache(batch_size, c.num_kv_heads, self.num_pixels, hs, self.device, dtype)
-                for _ in self.blocks]
+        with torch.no_grad():
+            return [KVCache(batch_size, c.num_kv_heads, self.num_pixels, hs, self.device, dtype,
+                            b.weights())
+                    for b in self.blocks]
 
     def decode(
         self,
