@@ -270,6 +270,12 @@ async def get_job(job_id: JobIdPath, principal: PrincipalDep, request: Request) 
                                 "description": "`not_cancelable`"}})
 def cancel_job(job: JobDep, store: StoreDep) -> JobView:
     """Cancel: a queued job never runs; a running job stops within one row."""
+    return job_view(cancel(job, store), store)
+
+
+def cancel(job: JobRecord, store: StoreDep) -> JobRecord:
+    """Cancel a job of any kind and read it back: 404 when it is gone, 409
+    `not_cancelable` when it already ended."""
     outcome = store.cancel(job.id)
     if outcome == "missing":
         raise not_found()
@@ -278,7 +284,7 @@ def cancel_job(job: JobDep, store: StoreDep) -> JobView:
     fresh = store.get(job.id)
     if fresh is None:
         raise not_found()
-    return job_view(fresh, store)
+    return fresh
 
 
 _PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}

@@ -40,6 +40,7 @@ from .generations import (
     _WAIT_DOC,
     admit,
     answer_after_wait,
+    cancel,
     idempotency,
     iso,
 )
@@ -245,15 +246,7 @@ def get_score(job: ScoreDep, store: StoreDep) -> ScoreView:
                responses={409: {"model": ErrorResponse, "description": "`not_cancelable`"}})
 def cancel_score(job: ScoreDep, store: StoreDep) -> ScoreView:
     """Cancel a queued or running score job."""
-    outcome = store.cancel(job.id)
-    if outcome == "missing":
-        raise not_found()
-    if outcome != "ok":
-        raise ApiError(409, "not_cancelable", f"the job already ended ({outcome})")
-    fresh = store.get(job.id)
-    if fresh is None:
-        raise not_found()
-    return score_view(fresh, store)
+    return score_view(cancel(job, store), store)
 
 
 @router.get("/{job_id}/surprise.png", response_class=Response,

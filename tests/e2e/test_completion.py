@@ -15,18 +15,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import redis
 import torch
 from PIL import Image
 
-from app.redis_server import free_port
 from tests.e2e.test_scores import SIZE, UPLOAD_LIMIT, poll
 from tests.worker.helpers import (
-    Proc,
     make_tiny_checkpoint,
-    start_api,
-    start_worker,
-    wait_worker_ready,
+    served,
 )
 
 
@@ -40,23 +35,12 @@ def stack(redis_server: Any, checkpoint: Path, tmp_path_factory: pytest.TempPath
           ) -> Iterator[httpx.Client]:
     """The tiny model served, and a second model `other` declared (no worker) that is the
     default: requests for the tiny model name it."""
-    url = redis_server.url
-    redis.Redis.from_url(url).flushall()
-    tmp = tmp_path_factory.mktemp("complete")
-    worker = start_worker(url, checkpoint, tmp / "worker.log")
-    procs: list[Proc] = [worker]
-    try:
-        wait_worker_ready(url, worker)
-        port = free_port()
-        procs.append(start_api(url, port, tmp / "api.log", PROMPTPIX_RATE_LIMIT="0",
-                               PROMPTPIX_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
-                               PROMPTPIX_MODELS=f"{checkpoint.stem},other",
-                               PROMPTPIX_DEFAULT_MODEL="other"))
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            yield client
-    finally:
-        for p in procs:
-            p.stop()
+    with served(redis_server.url, checkpoint, tmp_path_factory.mktemp("complete"),
+                PROMPTPIX_RATE_LIMIT="0",
+                PROMPTPIX_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
+                PROMPTPIX_MODELS=f"{checkpoint.stem},other",
+                PROMPTPIX_DEFAULT_MODEL="other") as client:
+        yield client
 
 
 def noise_png(w: int = 10, h: int = 12, seed: int = 0) -> bytes:

@@ -24,6 +24,7 @@ from tests.worker.helpers import (
     COLOURS,
     Proc,
     make_tiny_checkpoint,
+    served,
     start_api,
     start_worker,
     wait_for,
@@ -52,21 +53,10 @@ def model(checkpoint: Path) -> Any:
 @pytest.fixture(scope="module")
 def stack(redis_server: Any, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[httpx.Client]:
-    url = redis_server.url
-    redis.Redis.from_url(url).flushall()
-    tmp = tmp_path_factory.mktemp("scores")
-    worker = start_worker(url, checkpoint, tmp / "worker.log")
-    procs: list[Proc] = [worker]
-    try:
-        wait_worker_ready(url, worker)
-        port = free_port()
-        procs.append(start_api(url, port, tmp / "api.log", PROMPTPIX_RATE_LIMIT="0",
-                               PROMPTPIX_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT)))
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            yield client
-    finally:
-        for p in procs:
-            p.stop()
+    with served(redis_server.url, checkpoint, tmp_path_factory.mktemp("scores"),
+                PROMPTPIX_RATE_LIMIT="0",
+                PROMPTPIX_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT)) as client:
+        yield client
 
 
 def png_b64(colour: tuple[int, int, int], size: int = SIZE, fmt: str = "PNG") -> str:

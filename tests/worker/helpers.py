@@ -7,11 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from app.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = ["a red square", "a blue square", "a green square", "a white square"]
@@ -176,3 +179,24 @@ def poll_job(client: httpx.Client, job_id: str, until: Callable[[dict[str, Any]]
 
 def finished(job: dict[str, Any]) -> bool:
     return job["status"] in ("succeeded", "failed", "canceled")
+
+
+@contextmanager
+def served(redis_url: str, checkpoint: Path, tmp: Path, **api_env: str
+           ) -> Iterator[httpx.Client]:
+    """One worker serving `checkpoint` and one API (`api_env` added to its environment)
+    over an emptied Redis; a client of that API. Both processes stop on exit."""
+    import redis
+
+    redis.Redis.from_url(redis_url).flushall()
+    worker = start_worker(redis_url, checkpoint, tmp / "worker.log")
+    procs: list[Proc] = [worker]
+    try:
+        wait_worker_ready(redis_url, worker)
+        port = free_port()
+        procs.append(start_api(redis_url, port, tmp / "api.log", **api_env))
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client
+    finally:
+        for p in procs:
+            p.stop()
