@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -65,8 +66,10 @@ PROMPT = _demo_prompt() if USE_DEMO else "a red square"
 # weights are barely trained (the images are noise): what is tested is the page.
 IMAGE_SIZE = 16
 TRAIN_STEPS = 3
-# The job to cancel asks for many images (with guidance: twice the batch) so that it is
-# surely still sampling when the test cancels it (it costs nothing more: it is canceled).
+# The job to cancel asks for many images (with guidance: twice the batch), so that it
+# samples for a while; the worker is also paused (SIGSTOP) from the moment it is seen
+# sampling until it has been told to cancel, so the job cannot finish first however fast
+# the machine (CI once saw 256 images finish during the queue-and-cancel step).
 CANCEL_IMAGES = 256
 
 # Records what the page shows of each job, keyed by job id, however quickly the worker
@@ -139,7 +142,14 @@ class Service:
                                     PROMPTPIX_MAX_IMAGES=str(CANCEL_IMAGES)))
 
     def start_worker(self) -> None:
-        self.procs.append(start_worker(self.redis_url, self.checkpoint, self.logs / "worker.log"))
+        # Default liveness (a 15 s heartbeat key): the worker is paused for a few seconds
+        # in watch_and_cancel and must not be taken for dead meanwhile.
+        self.procs.append(start_worker(self.redis_url, self.checkpoint, self.logs / "worker.log",
+                                       PROMPTPIX_HEARTBEAT_INTERVAL="5"))
+
+    def pause_worker(self, pause: bool) -> None:
+        """Freeze (SIGSTOP) or thaw (SIGCONT) the worker process: no timing races."""
+        self.procs[-1].proc.send_signal(signal.SIGSTOP if pause else signal.SIGCONT)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -276,7 +286,7 @@ def queue_and_cancel(page: Page) -> None:
     expect(page.locator(f'[data-job-id="{job_id}"]')).to_have_count(0)
 
 
-def watch_and_cancel(page: Page) -> str:
+def watch_and_cancel(page: Page, service: Service) -> str:
     """A long job: progress rises and the live preview is drawn while it samples; another
     job queues behind it; then it is canceled, and keeps the preview of how far it got."""
     page.get_by_label("Number of images").fill(str(CANCEL_IMAGES))
@@ -287,8 +297,12 @@ def watch_and_cancel(page: Page) -> str:
     job_id, job = newest_job(page)
     page.wait_for_function("id => (window.__previews[id] || []).length > 0", arg=job_id)
     expect(job.get_by_role("status")).to_contain_text("Sampling: ")
-    queue_and_cancel(page)
-    job.get_by_role("button", name="Cancel").click()
+    service.pause_worker(True)
+    try:
+        queue_and_cancel(page)
+        job.get_by_role("button", name="Cancel").click()
+    finally:
+        service.pause_worker(False)
     expect(job.get_by_role("status")).to_have_text("Canceled")
     progress = seen(page, job_id).progress
     assert any(0 < p < 1 for p in progress), f"no progress between 0 and 1 shown: {progress}"
@@ -334,7 +348,7 @@ def test_web_page_end_to_end(browser: sync_api.Browser, service: Service,
         assert png.size == (IMAGE_SIZE, IMAGE_SIZE)
         assert PROMPT in json.dumps(png.text), f"the prompt is not in the PNG's text: {png.text}"
         again_id = same_seed_again(page, first, png)
-        canceled_id = watch_and_cancel(page)
+        canceled_id = watch_and_cancel(page, service)
         expect(first.get_by_role("list").get_by_role("img")).to_have_count(8)  # untouched
 
         # The history survives a reload (localStorage): same jobs, same order, same states.
