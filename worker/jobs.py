@@ -156,27 +156,32 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
         if claimed != "ok":
             logger.info("job %s attempt %d skipped: %s", p.job_id, p.attempt, claimed)
             return {"job_id": p.job_id, "skipped": claimed}
-        problem = _unrunnable(ctx, p)
+        prefixes: dict[str, torch.Tensor] = {}  # completions' init images, decoded once
+        problem = _unrunnable(ctx, p, prefixes)
         if problem is not None:
             _fail(ctx, p.job_id, p.attempt, JobErrorCode.INVALID_REQUEST, problem)
             raise InvalidJob(problem)
-        batch = [p, *_take_mates(ctx, ctx.settings.max_batch - p.params.samples)]
-        return _run(ctx, batch)
+        batch = [p, *_take_mates(ctx, ctx.settings.max_batch - p.params.samples, prefixes)]
+        return _run(ctx, batch, prefixes)
     finally:
         ctx.current_jobs = []
 
 
-def _unrunnable(ctx: WorkerContext, p: JobPayload) -> str | None:
-    """Why this model cannot run a job that parses (None: it can)."""
+def _unrunnable(ctx: WorkerContext, p: JobPayload,
+                prefixes: dict[str, torch.Tensor]) -> str | None:
+    """Why this model cannot run a job that parses (None: it can); a completion's
+    prepared init image goes into `prefixes` under its job id."""
     info = ctx.model_info
     label = p.params.class_label
     if label is not None and label >= info["num_classes"]:
         return (f"class_label {label} is not a class of model {info['id']} "
                 f"({info['num_classes']} classes)")
     try:
-        _init_image(ctx, p)
+        prefix = _init_image(ctx, p)
     except UploadRefused as e:
         return str(e)
+    if prefix is not None:
+        prefixes[p.job_id] = prefix
     return None
 
 
@@ -199,7 +204,8 @@ def _model_ref(ctx: WorkerContext) -> dict[str, Any]:
     return {"id": info["id"], "image_size": info["image_size"], "channels": info["channels"]}
 
 
-def _take_mates(ctx: WorkerContext, budget: int) -> list[JobPayload]:
+def _take_mates(ctx: WorkerContext, budget: int,
+                prefixes: dict[str, torch.Tensor]) -> list[JobPayload]:
     """Claim queued jobs, in queue order, while their images fit in `budget`.
 
     Stops at the first job that does not fit, so no job is overtaken by a later one. A job
@@ -228,7 +234,7 @@ def _take_mates(ctx: WorkerContext, budget: int) -> list[JobPayload]:
             else:
                 if m.params.samples > budget:
                     return mates
-                why = _unrunnable(ctx, m)
+                why = _unrunnable(ctx, m, prefixes)
                 problem = None if why is None else (JobErrorCode.INVALID_REQUEST, why)
             ctx.current_jobs = [*ctx.current_jobs, job_id]  # announce before claiming
             outcome = ctx.store.take(job_id, rq_job_id(job_id, attempt), ctx.worker_name,
@@ -326,7 +332,7 @@ def _start(ctx: WorkerContext, p: JobPayload) -> None:
                 params.num_images, params.seed)
 
 
-def _request(ctx: WorkerContext, p: JobPayload, run: _Attempt) -> SampleRequest:
+def _request(p: JobPayload, run: _Attempt, prefix: torch.Tensor | None) -> SampleRequest:
     params = p.params
     return SampleRequest(
         [params.prompt], num_images=params.samples,
@@ -334,11 +340,12 @@ def _request(ctx: WorkerContext, p: JobPayload, run: _Attempt) -> SampleRequest:
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
         guidance_scale=params.guidance_scale, seed=params.sample_seeds(),
         progress=run.progress, should_stop=run.should_stop,
-        negative_prompt=params.negative_prompt, prefix=_init_image(ctx, p),
+        negative_prompt=params.negative_prompt, prefix=prefix,
         keep_rows=params.keep_rows or 0)
 
 
-def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
+def _run(ctx: WorkerContext, batch: list[JobPayload],
+         prefixes: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Sample every claimed job of `batch` in one sampling batch; record each outcome.
 
     One handler covers the whole lifecycle, from the first preview to the last final write
@@ -356,7 +363,8 @@ def _run(ctx: WorkerContext, batch: list[JobPayload]) -> dict[str, Any]:
         metrics.BATCH_JOBS.observe(len(batch))
         runs = [_Attempt(ctx, p) for p in batch]
         start = time.perf_counter()
-        requests = [_request(ctx, p, r) for p, r in zip(batch, runs, strict=True)]
+        requests = [_request(p, r, prefixes.get(p.job_id))
+                    for p, r in zip(batch, runs, strict=True)]
         results = generate_batch(ctx.model, requests, decoder=ctx.decoder)
         elapsed = time.perf_counter() - start
         records: dict[str, dict[str, Any]] = {}
