@@ -270,14 +270,21 @@ class PromptPix(nn.Module):
     def channel_logits(self, h: torch.Tensor, earlier: Sequence[torch.Tensor],
                        pos: torch.Tensor, c: int) -> torch.Tensor:
         """fp32 logits (B, S, 256) of channel c at pixels `pos` (S,) from the decoder states h
-        (B, S, D) and the values `earlier[j]` (B, S) of the pixel's channels j < c."""
+        (B, S, D) and the values `earlier[j]` (B, S) of the pixel's channels j < c; for one
+        pixel (S = 1) also h (B, D) and `earlier[j]` (B,) -> (B, 256) (the sampler's step).
+
+        Called three times a pixel by the sampler: functional calls on the parameters and
+        views of the tables (channel j's rows of `sub_emb`, channel c's of the prior)
+        instead of module calls and index arithmetic; the same values either way."""
         z = h + self.chan_emb.weight[c]
-        for j in range(c):
-            z = z + self.sub_emb(earlier[j] + 256 * j)
-        z = z + F.gelu(self.head_fc(z), approximate="tanh")
-        logits = self.head(z).float()  # logits in fp32 whatever the autocast
+        if c:
+            sub = self.sub_emb.weight
+            for j in range(c):
+                z = z + F.embedding(earlier[j], sub[256 * j:256 * (j + 1)])
+        z = z + F.gelu(F.linear(z, self.head_fc.weight, self.head_fc.bias), approximate="tanh")
+        logits = F.linear(z, self.head.weight, self.head.bias).float()  # fp32 whatever the autocast
         if self.freq_prior is not None:
-            logits = logits + self.freq_prior.index_select(0, pos * self.config.channels + c)
+            logits = logits + self.freq_prior[c::self.config.channels].index_select(0, pos)
         return logits
 
     # ----------------------------------------------------------------- training forward
