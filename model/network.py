@@ -224,10 +224,12 @@ class PromptPix(nn.Module):
         """Decoder input (B, S, D) at pixels `pos` (S,) from the previous pixels' values
         `prev` (B, S, C) long (ignored where pos is 0: the start embedding), plus row and
         column embeddings and the condition (B, D)."""
-        x = self.value_emb(prev + self.value_offset).sum(-2)  # (B, S, D)
-        start = self.value_emb.weight[-1]
-        x = torch.where((pos == 0)[None, :, None], start, x)
-        where = self.row_emb(self.pos_row[pos]) + self.col_emb(self.pos_col[pos])  # (S, D)
+        # Functional lookups: the sampler calls this once a pixel (see `channel_logits`).
+        table = self.value_emb.weight
+        x = F.embedding(prev + self.value_offset, table).sum(-2)  # (B, S, D)
+        x = torch.where((pos == 0)[:, None], table[-1], x)
+        where = (F.embedding(self.pos_row.index_select(0, pos), self.row_emb.weight)
+                 + F.embedding(self.pos_col.index_select(0, pos), self.col_emb.weight))  # (S, D)
         return x + where + cond[:, None]
 
     def new_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> list[KVCache]:
