@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,19 @@ from .prior import image_tokens
 from .tokenizers import Tokenizer
 
 GATE_INIT_BIAS = -2.0  # sigmoid(-2) ~ 0.12: the text gate starts nearly closed
+
+
+class _Head(NamedTuple):
+    """The channel head's parameters as `channel_logits` reads them (`PromptPix.head_weights`): read
+    through `nn.Module` once a pixel instead of once a channel (~1 µs a read, a dozen a
+    pixel). The parameters themselves, no copies."""
+    chan: torch.Tensor  # (C, D)
+    sub: torch.Tensor | None  # ((C-1)*256, D)
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    prior: torch.Tensor | None  # (H*W*C, 256)
 
 
 class PromptPix(nn.Module):
@@ -269,24 +283,33 @@ class PromptPix(nn.Module):
                       None if caches is None else caches[i], mask, input_pos, length)
         return self.ln_f(x)
 
+    def head_weights(self) -> _Head:
+        """The channel head's parameters, for the C calls of `channel_logits` of a pixel."""
+        return _Head(self.chan_emb.weight, None if self.sub_emb is None else self.sub_emb.weight,
+                     self.head_fc.weight, self.head_fc.bias, self.head.weight, self.head.bias,
+                     self.freq_prior)
+
     def channel_logits(self, h: torch.Tensor, earlier: Sequence[torch.Tensor],
-                       pos: torch.Tensor, c: int) -> torch.Tensor:
+                       pos: torch.Tensor, c: int, w: _Head | None = None) -> torch.Tensor:
         """fp32 logits (B, S, 256) of channel c at pixels `pos` (S,) from the decoder states h
         (B, S, D) and the values `earlier[j]` (B, S) of the pixel's channels j < c; for one
         pixel (S = 1) also h (B, D) and `earlier[j]` (B,) -> (B, 256) (the sampler's step).
+        `w`: `head_weights()`, read once for the C calls of a pixel (None: read here).
 
-        Called three times a pixel by the sampler: functional calls on the parameters and
-        views of the tables (channel j's rows of `sub_emb`, channel c's of the prior)
-        instead of module calls and index arithmetic; the same values either way."""
-        z = h + self.chan_emb.weight[c]
+        The sampler calls this C times a pixel: functional calls on the parameters and views
+        of the tables (channel j's rows of `sub_emb`, channel c's of the prior) instead of
+        module calls and index arithmetic; the same values either way."""
+        if w is None:
+            w = self.head_weights()
+        z = h + w.chan[c]
         if c:
-            sub = self.sub_emb.weight
+            assert w.sub is not None
             for j in range(c):
-                z = z + F.embedding(earlier[j], sub[256 * j:256 * (j + 1)])
-        z = z + F.gelu(F.linear(z, self.head_fc.weight, self.head_fc.bias), approximate="tanh")
-        logits = F.linear(z, self.head.weight, self.head.bias).float()  # fp32 whatever the autocast
-        if self.freq_prior is not None:
-            logits = logits + self.freq_prior[c::self.config.channels].index_select(0, pos)
+                z = z + F.embedding(earlier[j], w.sub[256 * j:256 * (j + 1)])
+        z = z + F.gelu(F.linear(z, w.fc_w, w.fc_b), approximate="tanh")
+        logits = F.linear(z, w.out_w, w.out_b).float()  # fp32 whatever the autocast
+        if w.prior is not None:
+            logits = logits + w.prior[c::self.config.channels].index_select(0, pos)
         return logits
 
     # ----------------------------------------------------------------- training forward
@@ -306,8 +329,8 @@ class PromptPix(nn.Module):
         pos = torch.arange(P, device=images.device)
         cond, text = self.condition(text_ids, text_mask, self.labels(class_labels, B))
         h = self.decode(self.embed(prev, pos, cond), text)
-        earlier = values.unbind(-1)
-        logits = [self.channel_logits(h, earlier, pos, c) for c in range(C)]
+        earlier, w = values.unbind(-1), self.head_weights()
+        logits = [self.channel_logits(h, earlier, pos, c, w) for c in range(C)]
         return torch.stack(logits, dim=2).view(B, P * C, 256)
 
     # ----------------------------------------------------------------- public API

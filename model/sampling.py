@@ -322,8 +322,8 @@ def decode_step(model: PromptPix, s: DecodeState) -> None:
     form all run it. No host synchronisation on the cached path. At batch 1 the work
     outside the decoder is a few dozen small calls a step, so they are kept few: the
     pixel's uniforms, prefix and tokens are read and written as (N, 1, C) slices at `pos`,
-    the channel head runs on (B, D) states, and the bits of the C sub-pixels come from one
-    log-softmax after the loop.
+    the channel head runs on (B, D) states with its parameters read once, and the bits of
+    the C sub-pixels come from one log-softmax after the loop.
     """
     C, P = model.config.channels, model.num_pixels
     N, rp, pos = s.tokens.shape[0], s.rp, s.pos
@@ -347,8 +347,9 @@ def decode_step(model: PromptPix, s: DecodeState) -> None:
         forced = pos < s.forced  # (N,)
     earlier: list[torch.Tensor] = []
     conditional: list[torch.Tensor] = []
+    head = model.head_weights()
     for c in range(C):
-        logits = model.channel_logits(h, earlier, pos, c)  # (B, 256)
+        logits = model.channel_logits(h, earlier, pos, c, head)  # (B, 256)
         nxt = next_tokens(logits, rp, u[:, c])  # (N,)
         if forcing:
             nxt = torch.where(forced, given[:, c], nxt)
