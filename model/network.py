@@ -32,16 +32,17 @@ GATE_INIT_BIAS = -2.0  # sigmoid(-2) ~ 0.12: the text gate starts nearly closed
 
 
 class _Head(NamedTuple):
-    """The channel head's parameters as `channel_logits` reads them (`PromptPix.head_weights`): read
-    through `nn.Module` once a pixel instead of once a channel (~1 µs a read, a dozen a
-    pixel). The parameters themselves, no copies."""
+    """The channel head's tensors as `channel_logits` reads them for pixels `pos`
+    (`PromptPix.head_weights(pos)`): read through `nn.Module` once a pixel instead of once
+    a channel (~1 µs a read, a dozen a pixel). The parameters themselves, and the prior's
+    rows of those pixels."""
     chan: torch.Tensor  # (C, D)
     sub: torch.Tensor | None  # ((C-1)*256, D)
     fc_w: torch.Tensor
     fc_b: torch.Tensor
     out_w: torch.Tensor
     out_b: torch.Tensor
-    prior: torch.Tensor | None  # (H*W*C, 256)
+    prior: torch.Tensor | None  # (S, C, 256): the frequency prior at pixels `pos`
 
 
 class PromptPix(nn.Module):
@@ -283,24 +284,28 @@ class PromptPix(nn.Module):
                       None if caches is None else caches[i], mask, input_pos, length)
         return self.ln_f(x)
 
-    def head_weights(self) -> _Head:
-        """The channel head's parameters, for the C calls of `channel_logits` of a pixel."""
+    def head_weights(self, pos: torch.Tensor) -> _Head:
+        """The channel head's tensors at pixels `pos` (S,), for the C calls of
+        `channel_logits` there."""
+        prior = self.freq_prior
+        if prior is not None:
+            prior = prior.view(self.num_pixels, self.config.channels, 256).index_select(0, pos)
         return _Head(self.chan_emb.weight, None if self.sub_emb is None else self.sub_emb.weight,
                      self.head_fc.weight, self.head_fc.bias, self.head.weight, self.head.bias,
-                     self.freq_prior)
+                     prior)
 
     def channel_logits(self, h: torch.Tensor, earlier: Sequence[torch.Tensor],
                        pos: torch.Tensor, c: int, w: _Head | None = None) -> torch.Tensor:
         """fp32 logits (B, S, 256) of channel c at pixels `pos` (S,) from the decoder states h
         (B, S, D) and the values `earlier[j]` (B, S) of the pixel's channels j < c; for one
         pixel (S = 1) also h (B, D) and `earlier[j]` (B,) -> (B, 256) (the sampler's step).
-        `w`: `head_weights()`, read once for the C calls of a pixel (None: read here).
+        `w`: `head_weights(pos)`, read once for the C calls of a pixel (None: read here).
 
-        The sampler calls this C times a pixel: functional calls on the parameters and views
-        of the tables (channel j's rows of `sub_emb`, channel c's of the prior) instead of
-        module calls and index arithmetic; the same values either way."""
+        The sampler calls this C times a pixel: functional calls on the parameters and
+        views of the tables (channel j's rows of `sub_emb`, channel c's of the prior)
+        instead of module calls and index arithmetic; the same values either way."""
         if w is None:
-            w = self.head_weights()
+            w = self.head_weights(pos)
         z = h + w.chan[c]
         if c:
             assert w.sub is not None
@@ -309,7 +314,7 @@ class PromptPix(nn.Module):
         z = z + F.gelu(F.linear(z, w.fc_w, w.fc_b), approximate="tanh")
         logits = F.linear(z, w.out_w, w.out_b).float()  # fp32 whatever the autocast
         if w.prior is not None:
-            logits = logits + w.prior[c::self.config.channels].index_select(0, pos)
+            logits = logits + w.prior[:, c]
         return logits
 
     # ----------------------------------------------------------------- training forward
@@ -329,7 +334,7 @@ class PromptPix(nn.Module):
         pos = torch.arange(P, device=images.device)
         cond, text = self.condition(text_ids, text_mask, self.labels(class_labels, B))
         h = self.decode(self.embed(prev, pos, cond), text)
-        earlier, w = values.unbind(-1), self.head_weights()
+        earlier, w = values.unbind(-1), self.head_weights(pos)
         logits = [self.channel_logits(h, earlier, pos, c, w) for c in range(C)]
         return torch.stack(logits, dim=2).view(B, P * C, 256)
 

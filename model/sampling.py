@@ -347,7 +347,7 @@ def decode_step(model: PromptPix, s: DecodeState) -> None:
         forced = pos < s.forced  # (N,)
     earlier: list[torch.Tensor] = []
     conditional: list[torch.Tensor] = []
-    head = model.head_weights()
+    head = model.head_weights(pos)
     for c in range(C):
         logits = model.channel_logits(h, earlier, pos, c, head)  # (B, 256)
         nxt = next_tokens(logits, rp, u[:, c])  # (N,)
