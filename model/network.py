@@ -301,9 +301,9 @@ class PromptPix(nn.Module):
         pixel (S = 1) also h (B, D) and `earlier[j]` (B,) -> (B, 256) (the sampler's step).
         `w`: `head_weights(pos)`, read once for the C calls of a pixel (None: read here).
 
-        The sampler calls this C times a pixel: functional calls on the parameters and
-        views of the tables (channel j's rows of `sub_emb`, channel c's of the prior)
-        instead of module calls and index arithmetic; the same values either way."""
+        The sampler calls this C times a pixel: functional calls on the parameters, a view
+        of `sub_emb` per earlier channel j and the pixel's prior rows looked up once (in
+        `w`) instead of module calls and index arithmetic; the same values either way."""
         if w is None:
             w = self.head_weights(pos)
         z = h + w.chan[c]

@@ -284,7 +284,8 @@ class DecodeState:
     row take their sub-pixels from `prefix` (N, H*W*C) instead of sampling them.
     `host_pos` mirrors `pos` on the host for the eager step, which then attends over the
     filled part of the caches only; None (static shapes, compiled) attends over all of it.
-    `host_forced` mirrors max(`forced`) for it: from that pixel on it skips the prefix.
+    `host_forced` mirrors max(`forced`) for it: from that pixel on it skips the prefix
+    (None: not known, every step takes it).
     """
 
     cond: torch.Tensor  # (B, D)
@@ -298,7 +299,7 @@ class DecodeState:
     forced: torch.Tensor  # (N,) long: pixels taken from `prefix`
     pos: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     host_pos: int | None = None
-    host_forced: int = 0
+    host_forced: int | None = None
 
     def buffers(self) -> list[torch.Tensor]:
         rp = self.rp
@@ -341,7 +342,7 @@ def decode_step(model: PromptPix, s: DecodeState) -> None:
         h = h[:, -1]
     u = s.u.view(N, P, C).index_select(1, pos)[:, 0]  # (N, C)
     # The eager step knows on the host when no row forces this pixel any more.
-    forcing = s.host_pos is None or s.host_pos < s.host_forced
+    forcing = s.host_pos is None or s.host_forced is None or s.host_pos < s.host_forced
     if forcing:
         given = s.prefix.view(N, P, C).index_select(1, pos)[:, 0]  # (N, C)
         forced = pos < s.forced  # (N,)
