@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,20 @@ from .prior import image_tokens
 from .tokenizers import Tokenizer
 
 GATE_INIT_BIAS = -2.0  # sigmoid(-2) ~ 0.12: the text gate starts nearly closed
+
+
+class _Head(NamedTuple):
+    """The channel head's tensors as `channel_logits` reads them for pixels `pos`
+    (`PromptPix.head_weights(pos)`): read through `nn.Module` once a pixel instead of once
+    a channel (~1 µs a read, a dozen a pixel). The parameters themselves, and the prior's
+    rows of those pixels."""
+    chan: torch.Tensor  # (C, D)
+    sub: torch.Tensor | None  # ((C-1)*256, D)
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    prior: torch.Tensor | None  # (S, C, 256): the frequency prior at pixels `pos`
 
 
 class PromptPix(nn.Module):
@@ -224,10 +239,12 @@ class PromptPix(nn.Module):
         """Decoder input (B, S, D) at pixels `pos` (S,) from the previous pixels' values
         `prev` (B, S, C) long (ignored where pos is 0: the start embedding), plus row and
         column embeddings and the condition (B, D)."""
-        x = self.value_emb(prev + self.value_offset).sum(-2)  # (B, S, D)
-        start = self.value_emb.weight[-1]
-        x = torch.where((pos == 0)[None, :, None], start, x)
-        where = self.row_emb(self.pos_row[pos]) + self.col_emb(self.pos_col[pos])  # (S, D)
+        # Functional lookups: the sampler calls this once a pixel (see `channel_logits`).
+        table = self.value_emb.weight
+        x = F.embedding(prev + self.value_offset, table).sum(-2)  # (B, S, D)
+        x = torch.where((pos == 0)[:, None], table[-1], x)
+        where = (F.embedding(self.pos_row.index_select(0, pos), self.row_emb.weight)
+                 + F.embedding(self.pos_col.index_select(0, pos), self.col_emb.weight))  # (S, D)
         return x + where + cond[:, None]
 
     def new_caches(self, batch_size: int, dtype: torch.dtype = torch.float32) -> list[KVCache]:
@@ -267,17 +284,37 @@ class PromptPix(nn.Module):
                       None if caches is None else caches[i], mask, input_pos, length)
         return self.ln_f(x)
 
+    def head_weights(self, pos: torch.Tensor) -> _Head:
+        """The channel head's tensors at pixels `pos` (S,), for the C calls of
+        `channel_logits` there."""
+        prior = self.freq_prior
+        if prior is not None:
+            prior = prior.view(self.num_pixels, self.config.channels, 256).index_select(0, pos)
+        return _Head(self.chan_emb.weight, None if self.sub_emb is None else self.sub_emb.weight,
+                     self.head_fc.weight, self.head_fc.bias, self.head.weight, self.head.bias,
+                     prior)
+
     def channel_logits(self, h: torch.Tensor, earlier: Sequence[torch.Tensor],
-                       pos: torch.Tensor, c: int) -> torch.Tensor:
+                       pos: torch.Tensor, c: int, w: _Head | None = None) -> torch.Tensor:
         """fp32 logits (B, S, 256) of channel c at pixels `pos` (S,) from the decoder states h
-        (B, S, D) and the values `earlier[j]` (B, S) of the pixel's channels j < c."""
-        z = h + self.chan_emb.weight[c]
-        for j in range(c):
-            z = z + self.sub_emb(earlier[j] + 256 * j)
-        z = z + F.gelu(self.head_fc(z), approximate="tanh")
-        logits = self.head(z).float()  # logits in fp32 whatever the autocast
-        if self.freq_prior is not None:
-            logits = logits + self.freq_prior.index_select(0, pos * self.config.channels + c)
+        (B, S, D) and the values `earlier[j]` (B, S) of the pixel's channels j < c; for one
+        pixel (S = 1) also h (B, D) and `earlier[j]` (B,) -> (B, 256) (the sampler's step).
+        `w`: `head_weights(pos)`, read once for the C calls of a pixel (None: read here).
+
+        The sampler calls this C times a pixel: functional calls on the parameters, a view
+        of `sub_emb` per earlier channel j and the pixel's prior rows looked up once (in
+        `w`) instead of module calls and index arithmetic; the same values either way."""
+        if w is None:
+            w = self.head_weights(pos)
+        z = h + w.chan[c]
+        if c:
+            assert w.sub is not None
+            for j in range(c):
+                z = z + F.embedding(earlier[j], w.sub[256 * j:256 * (j + 1)])
+        z = z + F.gelu(F.linear(z, w.fc_w, w.fc_b), approximate="tanh")
+        logits = F.linear(z, w.out_w, w.out_b).float()  # fp32 whatever the autocast
+        if w.prior is not None:
+            logits = logits + w.prior[:, c]
         return logits
 
     # ----------------------------------------------------------------- training forward
@@ -297,8 +334,8 @@ class PromptPix(nn.Module):
         pos = torch.arange(P, device=images.device)
         cond, text = self.condition(text_ids, text_mask, self.labels(class_labels, B))
         h = self.decode(self.embed(prev, pos, cond), text)
-        earlier = values.unbind(-1)
-        logits = [self.channel_logits(h, earlier, pos, c) for c in range(C)]
+        earlier, w = values.unbind(-1), self.head_weights(pos)
+        logits = [self.channel_logits(h, earlier, pos, c, w) for c in range(C)]
         return torch.stack(logits, dim=2).view(B, P * C, 256)
 
     # ----------------------------------------------------------------- public API

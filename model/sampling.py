@@ -72,7 +72,8 @@ class RowParams:
     """Per-row sampling parameters of a batch of N output rows (all on the model's device).
 
     `gidx` (G,) lists the guided rows; rows [N, N+G) of the network's batch are their
-    unconditional twins. `any_top_k`/`any_top_p` let the eager path skip unused sorts.
+    unconditional twins. `any_top_k`/`any_top_p` let the eager path skip unused sorts,
+    `any_temperature` a division by 1 (exact either way).
     """
 
     temperature: torch.Tensor  # (N,) float
@@ -82,6 +83,7 @@ class RowParams:
     gscale: torch.Tensor  # (G,) float: guidance scale of each guided row
     any_top_k: bool = True
     any_top_p: bool = True
+    any_temperature: bool = True
 
 
 def filter_logits(
@@ -104,14 +106,17 @@ def filter_rows(
     top_p: torch.Tensor,
     any_top_k: bool = True,
     any_top_p: bool = True,
+    any_temperature: bool = True,
 ) -> torch.Tensor:
     """`filter_logits` with per-row parameters (B,), no host synchronisation.
 
     A row whose top_k is 0 (or >= 256) or whose top_p is 1 is left exactly as it is, so a
-    row filters the same whatever the other rows of the batch ask for.
+    row filters the same whatever the other rows of the batch ask for; `any_temperature`
+    False (every temperature is 1) skips the division, which would change nothing.
     """
     V = logits.shape[-1]
-    logits = logits / temperature[:, None]
+    if any_temperature:
+        logits = logits / temperature[:, None]
     if any_top_k:
         # kth largest per row = the (k-1)th of the descending sort; same values as topk.
         desc = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
@@ -139,8 +144,9 @@ def sample_from(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def next_tokens(logits: torch.Tensor, rp: RowParams, u: torch.Tensor) -> torch.Tensor:
     """Guidance mix, filtering and sampling of one step: logits (N+G, 256) -> tokens (N,)."""
     N = u.shape[0]
-    out = logits[:N]
+    out = logits
     if rp.gidx.numel():
+        out = logits[:N]
         cond, uncond = out.index_select(0, rp.gidx), logits[N:]  # (G, 256) each
         s = rp.gscale[:, None]
         mixed = uncond + s * (cond - uncond)
@@ -149,7 +155,7 @@ def next_tokens(logits: torch.Tensor, rp: RowParams, u: torch.Tensor) -> torch.T
         mixed = torch.where(s == 1.0, cond, mixed)
         out = out.index_copy(0, rp.gidx, mixed)
     return sample_from(filter_rows(out, rp.temperature, rp.top_k, rp.top_p,
-                                   rp.any_top_k, rp.any_top_p), u)
+                                   rp.any_top_k, rp.any_top_p, rp.any_temperature), u)
 
 
 def _uniforms(seed: int | Sequence[int] | None, n: int, T: int) -> torch.Tensor:
@@ -262,6 +268,7 @@ def row_params(rows: _Rows, device: torch.device, double_all: bool = False,
         gscale=torch.tensor(rows.scale)[gidx].to(device),
         any_top_k=not eager_flags or any(0 < k < 256 for k in rows.top_k),
         any_top_p=not eager_flags or any(p < 1.0 for p in rows.top_p),
+        any_temperature=not eager_flags or any(t != 1.0 for t in rows.temperature),
     )
 
 
@@ -277,6 +284,8 @@ class DecodeState:
     row take their sub-pixels from `prefix` (N, H*W*C) instead of sampling them.
     `host_pos` mirrors `pos` on the host for the eager step, which then attends over the
     filled part of the caches only; None (static shapes, compiled) attends over all of it.
+    `host_forced` mirrors max(`forced`) for it: from that pixel on it skips the prefix
+    (None: not known, every step takes it).
     """
 
     cond: torch.Tensor  # (B, D)
@@ -290,6 +299,7 @@ class DecodeState:
     forced: torch.Tensor  # (N,) long: pixels taken from `prefix`
     pos: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     host_pos: int | None = None
+    host_forced: int | None = None
 
     def buffers(self) -> list[torch.Tensor]:
         rp = self.rp
@@ -310,7 +320,11 @@ def decode_step(model: PromptPix, s: DecodeState) -> None:
     """Sample pixel `s.pos` of every row (its C sub-pixels in turn) and advance `s.pos`.
 
     The one sampling step: the eager sampler, the static-shape decoder and its compiled
-    form all run it. No host synchronisation on the cached path.
+    form all run it. No host synchronisation on the cached path. At batch 1 the work
+    outside the decoder is a few dozen small calls a step, so they are kept few: the
+    pixel's uniforms, prefix and tokens are read and written as (N, 1, C) slices at `pos`,
+    the channel head runs on (B, D) states with its parameters read once, and the bits of
+    the C sub-pixels come from one log-softmax after the loop.
     """
     C, P = model.config.channels, model.num_pixels
     N, rp, pos = s.tokens.shape[0], s.rp, s.pos
@@ -319,24 +333,35 @@ def decode_step(model: PromptPix, s: DecodeState) -> None:
         prev = pixels.index_select(1, (pos - 1).clamp(min=0))  # (N, 1, C)
         x = model.embed(_with_twins(prev, rp.gidx), pos, s.cond)
         length = None if s.host_pos is None else s.host_pos + 1
-        h = model.decode(x, s.text, s.caches, pos, length)  # (B, 1, D)
+        h = model.decode(x, s.text, s.caches, pos, length)[:, 0]  # (B, D)
     else:  # the reference: a full causal forward over pixels 0..pos
         t = int(pos.item())
         seq = torch.cat([pixels[:, :1], pixels[:, :t]], 1)  # (N, t+1, C); pixel 0's ignored
         pos_all = torch.arange(t + 1, device=pos.device)
         h = model.decode(model.embed(_with_twins(seq, rp.gidx), pos_all, s.cond), s.text)
-        h = h[:, -1:]
-    ts = pos * C + torch.arange(C, device=pos.device)  # (C,): this pixel's sub-pixels
-    u, given = s.u.index_select(1, ts), s.prefix.index_select(1, ts)  # (N, C) each
-    forced = pos < s.forced  # (N,)
+        h = h[:, -1]
+    u = s.u.view(N, P, C).index_select(1, pos)[:, 0]  # (N, C)
+    # The eager step knows on the host when no row forces this pixel any more.
+    forcing = s.host_pos is None or s.host_forced is None or s.host_pos < s.host_forced
+    if forcing:
+        given = s.prefix.view(N, P, C).index_select(1, pos)[:, 0]  # (N, C)
+        forced = pos < s.forced  # (N,)
     earlier: list[torch.Tensor] = []
+    conditional: list[torch.Tensor] = []
+    head = model.head_weights(pos)
     for c in range(C):
-        logits = model.channel_logits(h, earlier, pos, c)[:, 0]  # (B, 256)
-        nxt = torch.where(forced, given[:, c], next_tokens(logits, rp, u[:, c]))  # (N,)
-        logp = torch.log_softmax(logits[:N], dim=-1).gather(1, nxt[:, None]).squeeze(1)
-        s.bits.sub_(logp.double() / math.log(2.0))
-        earlier.append(_with_twins(nxt, rp.gidx)[:, None])  # (B, 1)
-    s.tokens.index_copy_(1, ts, torch.cat(earlier, 1)[:N])
+        logits = model.channel_logits(h, earlier, pos, c, head)  # (B, 256)
+        nxt = next_tokens(logits, rp, u[:, c])  # (N,)
+        if forcing:
+            nxt = torch.where(forced, given[:, c], nxt)
+        conditional.append(logits[:N])  # bits are under the conditional logits
+        earlier.append(_with_twins(nxt, rp.gidx))  # (B,)
+    values = torch.stack(earlier, 1)[:N]  # (N, C)
+    pixels.index_copy_(1, pos, values[:, None])
+    logp = torch.log_softmax(torch.stack(conditional, 1), dim=-1).gather(2, values[..., None])
+    log2p = logp[..., 0].double() / math.log(2.0)  # (N, C): log2 p of each sub-pixel
+    for c in range(C):  # one channel after another, as the bits add up in order
+        s.bits.sub_(log2p[:, c])
     s.pos.add_(1)
     if s.host_pos is not None:
         s.host_pos += 1
@@ -357,7 +382,8 @@ def prepare_state(model: PromptPix, rows: _Rows, rp: RowParams, use_cache: bool,
         rp=rp, u=rows.u.to(device), tokens=torch.zeros(N, T, dtype=torch.long, device=device),
         bits=torch.zeros(N, dtype=torch.float64, device=device),
         prefix=rows.prefix.to(device), forced=torch.tensor(rows.forced, device=device),
-        pos=torch.zeros(1, dtype=torch.long, device=device), host_pos=0)
+        pos=torch.zeros(1, dtype=torch.long, device=device), host_pos=0,
+        host_forced=max(rows.forced))
 
 
 def twin_texts(rows: _Rows, rp: RowParams) -> list[str]:
