@@ -22,8 +22,16 @@ def _pair(m: nn.Linear | nn.LayerNorm) -> _Pair:
     return m.weight, m.bias
 
 
+def _tpair(w: torch.Tensor, b: torch.Tensor) -> _Pair:
+    """A product's (weightᵀ, bias) for `_linear`: the transpose is a view of the weight."""
+    return w.t(), b
+
+
 def _linear(x: torch.Tensor, p: _Pair) -> torch.Tensor:
-    return F.linear(x, p[0], p[1])
+    """Rows x (N, in) times the (weightᵀ, bias) pair `p` (`_tpair`) -> (N, out): the one
+    `addmm` that `F.linear` ends in (so the same numbers), without its wrapper, its
+    transpose and the views around it for (B, S, in) inputs (~2 µs of dispatch a product)."""
+    return torch.addmm(p[1], x, p[0])
 
 
 def _norm(x: torch.Tensor, p: _Pair) -> torch.Tensor:
@@ -31,6 +39,7 @@ def _norm(x: torch.Tensor, p: _Pair) -> torch.Tensor:
 
 
 def _mlp(x: torch.Tensor, fc: _Pair, out: _Pair, drop: float) -> torch.Tensor:
+    """Rows x (N, D) -> (N, D); fc, out: `_tpair`s."""
     y = _linear(F.gelu(_linear(x, fc), approximate="tanh"), out)
     # Functional, and only when it drops: an identity nn.Dropout costs a module call.
     return F.dropout(y, drop) if drop else y
@@ -38,8 +47,9 @@ def _mlp(x: torch.Tensor, fc: _Pair, out: _Pair, drop: float) -> torch.Tensor:
 
 class _Weights(NamedTuple):
     """One decoder block's tensors as its forward reads them (`DecoderBlock.weights`): its
-    parameters themselves (no copies) and the cross-attention's two products with the gate
-    folded in. A KV cache holds them made once; without a cache they are made each call."""
+    parameters themselves (no copies; the products' weights as transposed views, `_tpair`)
+    and the cross-attention's two products with the gate folded in. A KV cache holds them
+    made once; without a cache they are made each call."""
     ln1: _Pair
     qkv: _Pair
     proj: _Pair
@@ -89,15 +99,17 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, qkv: _Pair, proj: _Pair, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
-                length: int | None = None) -> torch.Tensor:
-        """x (B, S, D), the weights `qkv` and `proj` (`_Weights`). Without a cache: causal
-        over the S positions (training, the uncached reference). With one: k, v are written
-        at `input_pos` (S,) and the queries attend to the cache's first `length` positions (a
-        view; None: the whole static cache) under `mask` (S, length or T_max), True where
-        visible; None when all of them are."""
-        B, S, D = x.shape
+    def forward(self, x: torch.Tensor, B: int, qkv: _Pair, proj: _Pair,
+                cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None, length: int | None = None
+                ) -> torch.Tensor:
+        """x: the rows (B·S, D) of B sequences, the weights `qkv` and `proj` (`_Weights`) ->
+        (B·S, D). Without a cache: causal over the S positions (training, the uncached
+        reference). With one: k, v are written at `input_pos` (S,) and the queries attend to
+        the cache's first `length` positions (a view; None: the whole static cache) under
+        `mask` (S, length or T_max), True where visible; None when all of them are."""
+        N, D = x.shape
+        S = N // B
         nh, nkv, hs = self.nh, self.nkv, self.hs
         g = nh // nkv
         q, k, v = _linear(x, qkv).split([D, nkv * hs, nkv * hs], dim=-1)
@@ -110,7 +122,7 @@ class SelfAttention(nn.Module):
                 v = v.repeat_interleave(g, dim=1)
             drop = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-            return _linear(y.transpose(1, 2).reshape(B, S, D), proj)
+            return _linear(y.transpose(1, 2).reshape(N, D), proj)
         assert input_pos is not None, "a cached step needs input_pos"
         k, v = cache.update(input_pos, k, v)  # (B, nkv, T_max, hs)
         if length is not None:
@@ -127,7 +139,7 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
         if not flat:
             y = y.view(B, nkv, S, g, hs).transpose(1, 2)
-        return _linear(y.reshape(B, S, D), proj)
+        return _linear(y.reshape(N, D), proj)
 
 
 class CrossAttention(nn.Module):
@@ -144,21 +156,25 @@ class CrossAttention(nn.Module):
     def text_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the text states (B, L, D), computed once per request."""
         B, L, D = ctx.shape
-        k, v = _linear(ctx, _pair(self.kv)).view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
+        kv = _linear(ctx.reshape(B * L, D), _tpair(*_pair(self.kv)))
+        k, v = kv.view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
         return k, v  # each (B, nh, L, hs)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-               ) -> torch.Tensor:
-        """Projected queries q (B, S, D) over the text -> (B, S, D), before `proj`."""
-        B, S, D = q.shape
-        q = q.view(B, S, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
+    def attend(self, q: torch.Tensor, B: int, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Projected queries, the rows q (B·S, D) of B sequences, over the text -> (B·S, D),
+        before `proj`."""
+        N, D = q.shape
+        q = q.view(B, N // B, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        return y.transpose(1, 2).reshape(B, S, D)
+        return y.transpose(1, 2).reshape(N, D)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                 ) -> torch.Tensor:
-        return _linear(self.attend(_linear(x, _pair(self.q)), k, v, mask), _pair(self.proj))
+        """Rows x (B·L, D) of the B sequences of k, v -> (B·L, D)."""
+        q = _linear(x, _tpair(*_pair(self.q)))
+        return _linear(self.attend(q, k.shape[0], k, v, mask), _tpair(*_pair(self.proj)))
 
 
 class MLP(nn.Module):
@@ -169,7 +185,9 @@ class MLP(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _mlp(x, _pair(self.fc), _pair(self.proj), self.dropout if self.training else 0.0)
+        """Rows x (N, D) -> (N, D)."""
+        return _mlp(x, _tpair(*_pair(self.fc)), _tpair(*_pair(self.proj)),
+                    self.dropout if self.training else 0.0)
 
 
 class DecoderBlock(nn.Module):
@@ -203,13 +221,16 @@ class DecoderBlock(nn.Module):
         every decode step, eager or compiled (a cache written at `input_pos`, holding the
         block's `weights()`)."""
         w = self.weights() if cache is None else cache.weights
-        x = x + self.attn(_norm(x, w.ln1), w.qkv, w.proj, cache, mask, input_pos, length)
+        B, S, D = x.shape
+        x = x.reshape(B * S, D)  # rows: every product is one addmm (`_linear`)
+        x = x + self.attn(_norm(x, w.ln1), B, w.qkv, w.proj, cache, mask, input_pos, length)
         if w.qh is not None and w.oc is not None and w.ln2 is not None:
             assert text is not None, "a text-conditioned block needs the text keys/values"
             q, gate_h = _linear(_norm(x, w.ln2), w.qh).chunk(2, dim=-1)
-            ctx, gate_c = _linear(self.cross.attend(q, *text), w.oc).chunk(2, dim=-1)
+            ctx, gate_c = _linear(self.cross.attend(q, B, *text), w.oc).chunk(2, dim=-1)
             x = torch.addcmul(x, torch.sigmoid(gate_h + gate_c), ctx)
-        return x + _mlp(_norm(x, w.ln3), w.fc, w.out, self.dropout if self.training else 0.0)
+        x = x + _mlp(_norm(x, w.ln3), w.fc, w.out, self.dropout if self.training else 0.0)
+        return x.view(B, S, D)
 
     def weights(self) -> _Weights:
         """The tensors the forward reads: the parameters, and the cross-attention's products
@@ -224,11 +245,12 @@ class DecoderBlock(nn.Module):
             cr, g = self.cross, self.gate
             w_h, w_c = g.weight[:, :D], g.weight[:, D:]
             ln2 = _pair(self.ln2)
-            qh = torch.cat([cr.q.weight, w_h]), torch.cat([cr.q.bias, g.bias])
-            oc = (torch.cat([cr.proj.weight, w_c @ cr.proj.weight]),
-                  torch.cat([cr.proj.bias, w_c @ cr.proj.bias]))
-        return _Weights(_pair(self.ln1), _pair(self.attn.qkv), _pair(self.attn.proj),
-                        _pair(self.ln3), _pair(self.mlp.fc), _pair(self.mlp.proj), ln2, qh, oc)
+            qh = _tpair(torch.cat([cr.q.weight, w_h]), torch.cat([cr.q.bias, g.bias]))
+            oc = _tpair(torch.cat([cr.proj.weight, w_c @ cr.proj.weight]),
+                        torch.cat([cr.proj.bias, w_c @ cr.proj.bias]))
+        return _Weights(_pair(self.ln1), _tpair(*_pair(self.attn.qkv)),
+                        _tpair(*_pair(self.attn.proj)), _pair(self.ln3),
+                        _tpair(*_pair(self.mlp.fc)), _tpair(*_pair(self.mlp.proj)), ln2, qh, oc)
 
 
 class TextEncoderLayer(nn.Module):
@@ -242,9 +264,10 @@ class TextEncoderLayer(nn.Module):
         self.mlp = MLP(dim, 4, dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, E = x.shape
         h = _norm(x, _pair(self.ln1))
-        x = x + self.attn(h, *self.attn.text_kv(h), mask)
-        return x + self.mlp(_norm(x, _pair(self.ln2)))
+        x = x + self.attn(h.view(B * L, E), *self.attn.text_kv(h), mask).view(B, L, E)
+        return x + self.mlp(_norm(x, _pair(self.ln2)).view(B * L, E)).view(B, L, E)
 
 
 class TextEncoder(nn.Module):
