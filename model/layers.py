@@ -89,57 +89,68 @@ class KVCache:
         return self.k, self.v
 
 
+def _self_attention(x: torch.Tensor, B: int, heads: tuple[int, int, int], qkv: _Pair,
+                    proj: _Pair, drop: float, cache: KVCache | None, mask: torch.Tensor | None,
+                    input_pos: torch.Tensor | None, length: int | None) -> torch.Tensor:
+    """Causal self-attention of the rows x (B·S, D) of B sequences -> (B·S, D), with
+    `heads` = (nh, nkv, hs): `nkv` key/value heads shared by groups of query heads; the
+    weights `qkv`, `proj` (`_Weights`). Without a cache: causal over the S positions
+    (training, the uncached reference). With one: k, v are written at `input_pos` (S,) and
+    the queries attend to the cache's first `length` positions (a view; None: the whole
+    static cache) under `mask` (S, length or T_max), True where visible; None when all of
+    them are."""
+    N, D = x.shape
+    S = N // B
+    nh, nkv, hs = heads
+    g = nh // nkv
+    q, k, v = _linear(x, qkv).split([D, nkv * hs, nkv * hs], dim=-1)
+    k = k.view(B, S, nkv, hs).transpose(1, 2)  # (B, nkv, S, hs)
+    v = v.view(B, S, nkv, hs).transpose(1, 2)
+    if cache is None:
+        q = q.view(B, S, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
+        if nkv != nh:  # query head h reads key/value head h // g
+            k = k.repeat_interleave(g, dim=1)
+            v = v.repeat_interleave(g, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        return _linear(y.transpose(1, 2).reshape(N, D), proj)
+    assert input_pos is not None, "a cached step needs input_pos"
+    k, v = cache.update(input_pos, k, v)  # (B, nkv, T_max, hs)
+    if length is not None:
+        k, v = k[:, :, :length], v[:, :, :length]
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    # The g query heads of a group are independent queries over the same keys: they ride
+    # in the query-length dimension ordered (position, head), no copy of the keys, the
+    # mask tiled to match; one reshape with one key head or one position (a view in a step).
+    flat = nkv == 1 or S == 1
+    q = q.reshape(B, nkv, S * g, hs) if flat else \
+        q.view(B, S, nkv, g, hs).transpose(1, 2).reshape(B, nkv, S * g, hs)
+    m = mask.repeat_interleave(g, dim=0) if g > 1 and mask is not None else mask
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    if not flat:
+        y = y.view(B, nkv, S, g, hs).transpose(1, 2)
+    return _linear(y.reshape(N, D), proj)
+
+
+def _attend(q: torch.Tensor, B: int, nh: int, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor, drop: float) -> torch.Tensor:
+    """Projected queries, the rows q (B·S, D) of B sequences, in `nh` heads over keys and
+    values k, v (B, nh, L, hs) where `mask` (B, 1, 1, L) is True -> (B·S, D), before the
+    output product."""
+    N, D = q.shape
+    q = q.view(B, N // B, nh, D // nh).transpose(1, 2)  # (B, nh, S, hs)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+    return y.transpose(1, 2).reshape(N, D)
+
+
 class SelfAttention(nn.Module):
-    """Causal self-attention with `nkv` key/value heads shared by groups of query heads."""
+    """The parameters of causal self-attention with `nkv` key/value heads shared by groups
+    of query heads (`_self_attention`)."""
 
-    def __init__(self, dim: int, nh: int, nkv: int, dropout: float) -> None:
+    def __init__(self, dim: int, nh: int, nkv: int) -> None:
         super().__init__()
-        self.nh, self.nkv, self.hs = nh, nkv, dim // nh
-        self.qkv = nn.Linear(dim, dim + 2 * nkv * self.hs)
+        self.qkv = nn.Linear(dim, dim + 2 * nkv * (dim // nh))
         self.proj = nn.Linear(dim, dim)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor, B: int, qkv: _Pair, proj: _Pair,
-                cache: KVCache | None = None, mask: torch.Tensor | None = None,
-                input_pos: torch.Tensor | None = None, length: int | None = None
-                ) -> torch.Tensor:
-        """x: the rows (B·S, D) of B sequences, the weights `qkv` and `proj` (`_Weights`) ->
-        (B·S, D). Without a cache: causal over the S positions (training, the uncached
-        reference). With one: k, v are written at `input_pos` (S,) and the queries attend to
-        the cache's first `length` positions (a view; None: the whole static cache) under
-        `mask` (S, length or T_max), True where visible; None when all of them are."""
-        N, D = x.shape
-        S = N // B
-        nh, nkv, hs = self.nh, self.nkv, self.hs
-        g = nh // nkv
-        q, k, v = _linear(x, qkv).split([D, nkv * hs, nkv * hs], dim=-1)
-        k = k.view(B, S, nkv, hs).transpose(1, 2)  # (B, nkv, S, hs)
-        v = v.view(B, S, nkv, hs).transpose(1, 2)
-        if cache is None:
-            q = q.view(B, S, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
-            if nkv != nh:  # query head h reads key/value head h // g
-                k = k.repeat_interleave(g, dim=1)
-                v = v.repeat_interleave(g, dim=1)
-            drop = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-            return _linear(y.transpose(1, 2).reshape(N, D), proj)
-        assert input_pos is not None, "a cached step needs input_pos"
-        k, v = cache.update(input_pos, k, v)  # (B, nkv, T_max, hs)
-        if length is not None:
-            k, v = k[:, :, :length], v[:, :, :length]
-        if k.dtype != q.dtype:
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        # The g query heads of a group are independent queries over the same keys: they ride
-        # in the query-length dimension ordered (position, head), no copy of the keys, the
-        # mask tiled to match; one reshape with one key head or one position (a view in a step).
-        flat = nkv == 1 or S == 1
-        q = q.reshape(B, nkv, S * g, hs) if flat else \
-            q.view(B, S, nkv, g, hs).transpose(1, 2).reshape(B, nkv, S * g, hs)
-        m = mask.repeat_interleave(g, dim=0) if g > 1 and mask is not None else mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-        if not flat:
-            y = y.view(B, nkv, S, g, hs).transpose(1, 2)
-        return _linear(y.reshape(N, D), proj)
 
 
 class CrossAttention(nn.Module):
@@ -160,21 +171,12 @@ class CrossAttention(nn.Module):
         k, v = kv.view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
         return k, v  # each (B, nh, L, hs)
 
-    def attend(self, q: torch.Tensor, B: int, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
-        """Projected queries, the rows q (B·S, D) of B sequences, over the text -> (B·S, D),
-        before `proj`."""
-        N, D = q.shape
-        q = q.view(B, N // B, self.nh, self.hs).transpose(1, 2)  # (B, nh, S, hs)
-        drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        return y.transpose(1, 2).reshape(N, D)
-
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                 ) -> torch.Tensor:
         """Rows x (B·L, D) of the B sequences of k, v -> (B·L, D)."""
         q = _linear(x, _tpair(*_pair(self.q)))
-        return _linear(self.attend(q, k.shape[0], k, v, mask), _tpair(*_pair(self.proj)))
+        y = _attend(q, k.shape[0], self.nh, k, v, mask, self.dropout if self.training else 0.0)
+        return _linear(y, _tpair(*_pair(self.proj)))
 
 
 class MLP(nn.Module):
@@ -196,8 +198,10 @@ class DecoderBlock(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         D = c.hidden_dim
+        # Plain attributes, read each call (a sub-module read through nn.Module costs ~0.5 µs).
+        self.heads = c.num_heads, c.num_kv_heads, D // c.num_heads
         self.ln1 = nn.LayerNorm(D)
-        self.attn = SelfAttention(D, c.num_heads, c.num_kv_heads, c.dropout)
+        self.attn = SelfAttention(D, c.num_heads, c.num_kv_heads)
         self.cross: CrossAttention | None = None
         if c.use_text:
             self.ln2 = nn.LayerNorm(D)
@@ -211,26 +215,28 @@ class DecoderBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        B: int,
         text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         length: int | None = None,
     ) -> torch.Tensor:
-        """The one block code: training and the uncached reference (no cache), prefill and
-        every decode step, eager or compiled (a cache written at `input_pos`, holding the
-        block's `weights()`)."""
+        """The one block code, on the rows x (B·S, D) of B sequences -> (B·S, D), so that
+        every product is one addmm (`_linear`): training and the uncached reference (no
+        cache), prefill and every decode step, eager or compiled (a cache written at
+        `input_pos`, holding the block's `weights()`)."""
         w = self.weights() if cache is None else cache.weights
-        B, S, D = x.shape
-        x = x.reshape(B * S, D)  # rows: every product is one addmm (`_linear`)
-        x = x + self.attn(_norm(x, w.ln1), B, w.qkv, w.proj, cache, mask, input_pos, length)
+        drop = self.dropout if self.training else 0.0
+        x = x + _self_attention(_norm(x, w.ln1), B, self.heads, w.qkv, w.proj, drop, cache,
+                                mask, input_pos, length)
         if w.qh is not None and w.oc is not None and w.ln2 is not None:
             assert text is not None, "a text-conditioned block needs the text keys/values"
             q, gate_h = _linear(_norm(x, w.ln2), w.qh).chunk(2, dim=-1)
-            ctx, gate_c = _linear(self.cross.attend(q, B, *text), w.oc).chunk(2, dim=-1)
+            y = _attend(q, B, self.heads[0], *text, drop)
+            ctx, gate_c = _linear(y, w.oc).chunk(2, dim=-1)
             x = torch.addcmul(x, torch.sigmoid(gate_h + gate_c), ctx)
-        x = x + _mlp(_norm(x, w.ln3), w.fc, w.out, self.dropout if self.training else 0.0)
-        return x.view(B, S, D)
+        return x + _mlp(_norm(x, w.ln3), w.fc, w.out, drop)
 
     def weights(self) -> _Weights:
         """The tensors the forward reads: the parameters, and the cross-attention's products

@@ -279,10 +279,12 @@ class PromptPix(nn.Module):
             if length is None or x.shape[1] > 1:  # one query at length - 1 sees all of them
                 T = self.num_pixels if length is None else length
                 mask = input_pos[:, None] >= torch.arange(T, device=x.device)
+        B, S, D = x.shape
+        x = x.reshape(B * S, D)  # the blocks work on rows
         for i, block in enumerate(self.blocks):
-            x = block(x, text[i] if text is not None else None,
+            x = block(x, B, text[i] if text is not None else None,
                       None if caches is None else caches[i], mask, input_pos, length)
-        return self.ln_f(x)
+        return self.ln_f(x).view(B, S, D)
 
     def head_weights(self, pos: torch.Tensor) -> _Head:
         """The channel head's tensors at pixels `pos` (S,), for the C calls of
