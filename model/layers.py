@@ -103,11 +103,10 @@ def _self_attention(x: torch.Tensor, B: int, heads: tuple[int, int, int], qkv: _
     S = N // B
     nh, nkv, hs = heads
     g = nh // nkv
-    q, k, v = _linear(x, qkv).split([D, nkv * hs, nkv * hs], dim=-1)
-    k = k.view(B, S, nkv, hs).transpose(1, 2)  # (B, nkv, S, hs)
-    v = v.view(B, S, nkv, hs).transpose(1, 2)
+    # Heads first, then split: q (B, nh, S, hs), k and v (B, nkv, S, hs), all views.
+    q, k, v = _linear(x, qkv).view(B, S, nh + 2 * nkv, hs).transpose(1, 2).split(
+        [nh, nkv, nkv], dim=1)
     if cache is None:
-        q = q.view(B, S, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
         if nkv != nh:  # query head h reads key/value head h // g
             k = k.repeat_interleave(g, dim=1)
             v = v.repeat_interleave(g, dim=1)
@@ -116,18 +115,18 @@ def _self_attention(x: torch.Tensor, B: int, heads: tuple[int, int, int], qkv: _
     assert input_pos is not None, "a cached step needs input_pos"
     k, v = cache.update(input_pos, k, v)  # (B, nkv, T_max, hs)
     if length is not None:
-        k, v = k[:, :, :length], v[:, :, :length]
+        k, v = k.narrow(2, 0, length), v.narrow(2, 0, length)
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
     # The g query heads of a group are independent queries over the same keys: they ride
     # in the query-length dimension ordered (position, head), no copy of the keys, the
-    # mask tiled to match; one reshape with one key head or one position (a view in a step).
-    flat = nkv == 1 or S == 1
-    q = q.reshape(B, nkv, S * g, hs) if flat else \
-        q.view(B, S, nkv, g, hs).transpose(1, 2).reshape(B, nkv, S * g, hs)
+    # mask tiled to match; at one position (a step) a view.
     m = mask.repeat_interleave(g, dim=0) if g > 1 and mask is not None else mask
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-    if not flat:
+    if S == 1:
+        y = F.scaled_dot_product_attention(q.reshape(B, nkv, g, hs), k, v, attn_mask=m)
+    else:
+        q = q.view(B, nkv, g, S, hs).transpose(2, 3).reshape(B, nkv, S * g, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
         y = y.view(B, nkv, S, g, hs).transpose(1, 2)
     return _linear(y.reshape(N, D), proj)
 
