@@ -1,9 +1,11 @@
 """Where a decode step goes: the decoder blocks vs the work outside them, two trees side by side.
 
     OMP_NUM_THREADS=1 python bench/decode_step.py [--base-ref main] [--batch 1] [--rounds 8]
+        [--hidden-dim 16]
 
 Both this tree's `model` and `--base-ref`'s (read with `git archive`, as in
-`bench/sampling.py`) build the default 32x32 model (untrained weights, same seed), sample
+`bench/sampling.py`) build the default 32x32 model (untrained weights, same seed; at
+`--hidden-dim` 16 the arithmetic is nothing, so the blocks' time is their dispatch), sample
 pixels 0..399 of one request, then time `--steps` eager decode steps from pixel 400 again
 and again (each round rewinds the position; the cache rows are rewritten), interleaving
 the trees round by round. Per tree, medians over the rounds of:
@@ -44,8 +46,8 @@ START = 400
 class Tree:
     """One tree's model, sampler module and a decode state filled up to pixel START."""
 
-    def __init__(self, pkg: ModuleType, batch: int) -> None:
-        self.model = build(pkg, 32)
+    def __init__(self, pkg: ModuleType, batch: int, hidden_dim: int) -> None:
+        self.model = build(pkg, 32, hidden_dim=hidden_dim)
         self.sampling: Any = importlib.import_module(pkg.__name__ + ".sampling")
         S = self.sampling
         rows = S._layout(self.model, [pkg.SampleRequest([PROMPT], num_images=batch, seed=0)])
@@ -95,20 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--hidden-dim", type=int, default=256, help="the decoder's width")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"64 MB copy {copy_bandwidth():.1f} GB/s (before)")
     tmp = tempfile.TemporaryDirectory()
     base = load_ref(args.base_ref, Path(tmp.name), "model_base")
-    trees = {"this tree": Tree(this_model, args.batch), args.base_ref: Tree(base, args.batch)}
+    trees = {name: Tree(pkg, args.batch, args.hidden_dim)
+             for name, pkg in (("this tree", this_model), (args.base_ref, base))}
     got: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
     for _ in range(args.rounds):
         for name, tree in trees.items():
             step, inside = tree.run(args.steps, hot=False)
             hot, _ = tree.run(args.steps, hot=True)
             got[name].append((step, inside, hot))
-    print(f"batch {args.batch}, {args.steps} steps from pixel {START}, medians of {args.rounds} "
-          "interleaved rounds (ms a step)")
+    print(f"width {args.hidden_dim}, batch {args.batch}, {args.steps} steps from pixel {START}, "
+          f"medians of {args.rounds} interleaved rounds (ms a step)")
     print("| tree | step | blocks | outside (in place) | outside, hot |")
     print("|---|---|---|---|---|")
     med = {}

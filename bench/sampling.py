@@ -38,6 +38,7 @@ import time
 from io import BytesIO
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -72,9 +73,11 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 4 / best / 1e9
 
 
-def build(pkg: ModuleType, size: int):
+def build(pkg: ModuleType, size: int, **config: Any):
+    """The default model at `size` (untrained, seeded); `config`: other `ModelConfig` fields."""
     tok = build_tokenizer("word", [PROMPT], vocab_size=1000)
-    cfg = pkg.ModelConfig(image_size=size, channels=3, vocab_size=len(tok), max_text_length=64)
+    cfg = pkg.ModelConfig(image_size=size, channels=3, vocab_size=len(tok), max_text_length=64,
+                          **config)
     torch.manual_seed(0)
     return pkg.PromptPix(cfg, tok).eval()
 
