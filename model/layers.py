@@ -27,6 +27,11 @@ def _tpair(w: torch.Tensor, b: torch.Tensor) -> _Pair:
     return w.t(), b
 
 
+def _product(m: nn.Linear) -> _Pair:
+    """`m`'s (weightᵀ, bias) for `_linear` (`_tpair` of its parameters)."""
+    return _tpair(m.weight, m.bias)
+
+
 def _linear(x: torch.Tensor, p: _Pair) -> torch.Tensor:
     """Rows x (N, in) times the (weightᵀ, bias) pair `p` (`_tpair`) -> (N, out): the one
     `addmm` that `F.linear` ends in (so the same numbers), without its wrapper, its
@@ -166,16 +171,16 @@ class CrossAttention(nn.Module):
     def text_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the text states (B, L, D), computed once per request."""
         B, L, D = ctx.shape
-        kv = _linear(ctx.reshape(B * L, D), _tpair(*_pair(self.kv)))
+        kv = _linear(ctx.reshape(B * L, D), _product(self.kv))
         k, v = kv.view(B, L, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
         return k, v  # each (B, nh, L, hs)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                 ) -> torch.Tensor:
         """Rows x (B·L, D) of the B sequences of k, v -> (B·L, D)."""
-        q = _linear(x, _tpair(*_pair(self.q)))
+        q = _linear(x, _product(self.q))
         y = _attend(q, k.shape[0], self.nh, k, v, mask, self.dropout if self.training else 0.0)
-        return _linear(y, _tpair(*_pair(self.proj)))
+        return _linear(y, _product(self.proj))
 
 
 class MLP(nn.Module):
@@ -187,7 +192,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rows x (N, D) -> (N, D)."""
-        return _mlp(x, _tpair(*_pair(self.fc)), _tpair(*_pair(self.proj)),
+        return _mlp(x, _product(self.fc), _product(self.proj),
                     self.dropout if self.training else 0.0)
 
 
@@ -253,9 +258,9 @@ class DecoderBlock(nn.Module):
             qh = _tpair(torch.cat([cr.q.weight, w_h]), torch.cat([cr.q.bias, g.bias]))
             oc = _tpair(torch.cat([cr.proj.weight, w_c @ cr.proj.weight]),
                         torch.cat([cr.proj.bias, w_c @ cr.proj.bias]))
-        return _Weights(_pair(self.ln1), _tpair(*_pair(self.attn.qkv)),
-                        _tpair(*_pair(self.attn.proj)), _pair(self.ln3),
-                        _tpair(*_pair(self.mlp.fc)), _tpair(*_pair(self.mlp.proj)), ln2, qh, oc)
+        return _Weights(_pair(self.ln1), _product(self.attn.qkv),
+                        _product(self.attn.proj), _pair(self.ln3),
+                        _product(self.mlp.fc), _product(self.mlp.proj), ln2, qh, oc)
 
 
 class TextEncoderLayer(nn.Module):
