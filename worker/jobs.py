@@ -314,16 +314,18 @@ def _count_lost(ctx: WorkerContext, job_id: str) -> None:
         metrics.ATTEMPTS_HANDED_ON.inc()
 
 
-def _start(ctx: WorkerContext, p: JobPayload) -> None:
-    """Queue-wait metric and the all-grey first preview of a claimed job."""
+def _start(ctx: WorkerContext, p: JobPayload, prefix: torch.Tensor | None) -> None:
+    """Queue-wait metric and the first preview of a claimed job: all grey, or a
+    completion's kept rows of its init image over grey."""
     info, params = ctx.model_info, p.params
+    first = (grey_preview(params.samples, info["channels"], info["image_size"])
+             if prefix is None else
+             preview_png(prefix.expand(params.samples, *prefix.shape), params.keep_rows or 0))
     job = ctx.store.get(p.job_id)
     if job is not None and job.started_at is not None:
         metrics.QUEUE_WAIT.observe(max(0.0, job.started_at - job.created_at))
     try:
-        ctx.store.write_progress(p.job_id, p.attempt, ctx.worker_name, 0.0,
-                                 grey_preview(params.samples, info["channels"],
-                                              info["image_size"]))
+        ctx.store.write_progress(p.job_id, p.attempt, ctx.worker_name, 0.0, first)
     except redis.ResponseError as e:
         if not storage_full(e):
             raise
@@ -355,7 +357,7 @@ def _run(ctx: WorkerContext, batch: list[JobPayload],
     pending = {p.job_id: p for p in batch}  # claimed, outcome not recorded yet
     try:
         for p in batch:
-            _start(ctx, p)
+            _start(ctx, p, prefixes.get(p.job_id))
         if len(batch) > 1:
             logger.info("batch of %d jobs (%d images): %s", len(batch),
                         sum(p.params.samples for p in batch),

@@ -126,3 +126,27 @@ def test_bad_init_image_fails_alone_invalid_request(
         job = store.get(job_id)
         assert job.status == "failed" and job.error_code == "invalid_request", job
         assert why in (job.error_message or "")
+
+
+def test_first_preview_shows_the_kept_rows(
+    redis_url: str, store: JobStore, checkpoint: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """Before the first sampled row, a completion's preview is its init image's kept rows
+    over grey (one copy per image), not an all-grey strip."""
+    png, keep = init_png(seed=3), 3
+    job_id = store.create_job(GenerationParams(prompt="a red square", num_images=2, seed=1,
+                                               keep_rows=keep, has_init_image=True),
+                              upload=png, test_hooks={"row_delay": 3.0})[0]
+    w = start_worker(redis_url, checkpoint, tmp_path / "w.log", PROMPTPIX_TEST_HOOKS="1")
+    procs.append(w)
+    wait_worker_ready(redis_url, w)
+    wait_for(lambda: store.get(job_id).has_preview, 60, "the first preview")
+    job = store.get(job_id)
+    assert job.progress == 0.0, "the first row came before the preview was read"
+    strip = np.array(Image.open(io.BytesIO(store.get_blob(Keys.preview(job_id)) or b"")))
+    init = prepare_image(png, SIZE, 3).permute(1, 2, 0).numpy()  # (H, W, C)
+    for k in range(2):
+        image = strip[:, k * SIZE:(k + 1) * SIZE]
+        assert np.array_equal(image[:keep], init[:keep]), k
+        assert (image[keep:] == 128).all(), k
+    assert store.cancel(job_id) == "ok"
