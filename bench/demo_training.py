@@ -9,8 +9,8 @@ layouts side by side in one process (the sub-pixel package read from `--old-ref`
 forward, bits/dim loss, backward and AdamW. The per-pixel layout runs at batch 16 (the
 sub-pixel demo's batch) and at batch 48: the same number of decoder positions a step as
 the sub-pixel layout at batch 16 (48 x 256 pixels = 16 x 768 sub-pixels), three times the
-images and sub-pixels in the loss. Rounds are interleaved
-across the runs, the best of each kept; the 64 MB copy bandwidth is printed beside.
+images and sub-pixels in the loss. Rounds are interleaved across the runs, the best of
+each kept; the 64 MB copy bandwidth is printed beside.
 """
 
 from __future__ import annotations
