@@ -40,7 +40,10 @@ def check_url(url: str, settings: Settings) -> str:
     literal IP host passes the policy; host names are checked once resolved, at delivery."""
     if len(url) > MAX_WEBHOOK_URL_CHARS:
         raise WebhookRejected(f"webhook URL is longer than {MAX_WEBHOOK_URL_CHARS} characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # "http://[::1", "http://[name]/": brackets hold IPv6 only
+        raise WebhookRejected(f"webhook URL is malformed: {e}") from e
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookRejected(f"webhook must be an http:// or https:// URL, got {url[:100]!r}")
     if parts.username or parts.password:
@@ -52,11 +55,22 @@ def check_url(url: str, settings: Settings) -> str:
     try:
         ip = ipaddress.ip_address(parts.hostname)
     except ValueError:
+        dns_name(parts.hostname)
         return url  # a name: judged after DNS resolution, when delivering
     if not address_allowed(ip, settings.webhook_allow):
         raise WebhookRejected(f"webhook address {ip} is not allowed (PROMPTPIX_WEBHOOK_ALLOW="
                               f"{settings.webhook_allow!r}; default: public addresses only)")
     return url
+
+
+def dns_name(host: str) -> None:
+    """Refuse a host name that the resolver cannot even be asked about (an empty or
+    over-long label: `getaddrinfo` raises UnicodeError from its IDNA encoding)."""
+    try:
+        host.encode("idna")
+    except UnicodeError as e:
+        raise WebhookRejected(f"webhook host {host[:100]!r} is not a valid DNS name "
+                              f"({e})") from e
 
 
 def resolve(url: str, allow: str) -> tuple[str, int]:
@@ -65,6 +79,7 @@ def resolve(url: str, allow: str) -> tuple[str, int]:
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    dns_name(host)  # a URL stored before the API checked it
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as e:

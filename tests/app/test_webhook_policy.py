@@ -9,6 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.webhook_policy import WebhookRejected, address_allowed, resolve
+from app.webhook_sender import Sender
+from worker.protocol import GenerationParams, JobStore, Settings, redis_connection
 
 from .conftest import VALID
 
@@ -25,6 +27,8 @@ def test_webhook_without_a_secret_is_422(client: TestClient) -> None:
     "http://172.16.0.1/h", "http://169.254.169.254/latest/meta-data", "http://[fe80::1]/h",
     "http://[::ffff:127.0.0.1]/h", "http://0.0.0.0/h", "http://100.64.0.1/h",
     "ftp://93.184.216.34/h", "http://user:pw@93.184.216.34/h", "not a url",
+    # Malformed hosts: urlsplit raises ValueError, getaddrinfo UnicodeError (no DNS form).
+    "http://[::1", "http://[foo]/h", "http://a..b/h", "http://" + "a" * 64 + ".com/h",
 ])
 def test_default_policy_refuses_internal_addresses(
         make_client: Callable[..., TestClient], url: str) -> None:
@@ -57,3 +61,22 @@ def test_loopback_allowed_explicitly() -> None:
     assert resolve("http://127.0.0.1:8080/x", "127.0.0.0/8") == ("127.0.0.1", 8080)
     with pytest.raises(WebhookRejected, match=r"127\.0\.0\.1"):
         resolve("http://localhost:8080/x", "public")  # a name resolving inside: refused
+
+
+def test_sender_survives_a_stored_host_name_dns_cannot_take(redis_url: str) -> None:
+    # A job admitted before the API refused such names: its delivery is a refused attempt,
+    # not an exception that kills `promptpix webhooks` (and kills it again on every
+    # restart, when the unacknowledged entry is claimed anew).
+    settings = Settings(redis_url=redis_url, models="tiny", webhook_secret=SECRET)
+    store = JobStore(redis_connection(settings), settings)
+    job_id, _ = store.create_job(GenerationParams(prompt="a", model="tiny", seed=1),
+                                 webhook=("http://a..b/h", ["completed"]))
+    assert store.cancel(job_id) == "ok"
+    sender = Sender(store, settings)
+    sender.ensure_group()
+    try:
+        assert sender.step() == 1
+    finally:
+        sender.close()
+    job = store.get(job_id)
+    assert job is not None and job.webhook_attempts == 1 and not job.webhook_delivered
