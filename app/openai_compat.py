@@ -161,7 +161,7 @@ def check_signature(secret: bytes, job_id: str, n: int, scale: int, expires: int
                     sig: str, now: float | None = None) -> None:
     """Raise 403 when the signature is wrong or the URL expired."""
     good = sign(secret, job_id, n, scale, expires)
-    if not hmac.compare_digest(good, sig):
+    if not hmac.compare_digest(good.encode(), sig.encode()):  # bytes: `sig` may be non-ASCII
         raise ApiError(403, "invalid_signature", "the image URL's signature is not valid")
     if (now if now is not None else time.time()) > expires:
         raise ApiError(403, "url_expired", "the image URL expired; generate it again")
