@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -41,7 +42,10 @@ def _encode(cursor: tuple[float, str] | None) -> str | None:
 def _decode(text: str) -> tuple[float, str]:
     try:
         when, _, job_id = base64.urlsafe_b64decode(text.encode()).decode().partition(":")
-        return float(when), job_id
+        score = float(when)
+        if math.isnan(score):  # Redis refuses it as a score bound (a 500 otherwise)
+            raise ValueError(when)
+        return score, job_id
     except (ValueError, binascii.Error, UnicodeDecodeError) as e:
         raise ApiError(422, "invalid_request", "cursor is not one this API returned",
                        "cursor") from e

@@ -3,6 +3,7 @@ filter and cursor pagination over the per-owner index the admission script write
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 
 import redis
@@ -52,7 +53,8 @@ def test_list_own_jobs_newest_first_filtered_and_paged(
     assert [j for p in _pages(c, A) for j in p] == newest_first[1:]
     assert redis.Redis.from_url(redis_url).zscore(
         Keys.owner_jobs(c.app.state.store.get(mine[0]).owner), mine[6]) is None
-    r = c.get("/v1/generations", params={"cursor": "!!"}, headers=A)
-    assert r.status_code == 422 and r.json()["error"]["field"] == "cursor"
+    for bad in ("!!", base64.urlsafe_b64encode(b"nan:" + b"0" * 32).decode()):
+        r = c.get("/v1/generations", params={"cursor": bad}, headers=A)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "cursor", r.text
     r = c.get("/v1/generations", params={"status": "lost"}, headers=A)
     assert r.status_code == 422
