@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import zlib
@@ -98,6 +99,25 @@ def test_keys_not_in_logs_or_redis(make_client, redis_url: str, caplog) -> None:
                     for k in redis.Redis.from_url(redis_url).keys("*"))
     assert KEY_A.encode() not in dump
     assert KEY_A not in caplog.text
+
+
+def test_redis_password_in_the_url_query_not_in_logs(caplog) -> None:
+    # redis-py takes the password from the query too (`?password=`); the URL logged at
+    # start-up ("API up: Redis ...") must mask it there as in `redis://:pw@host`.
+    from app.main import create_app
+    from worker.protocol import Settings
+
+    password = "pw-Tq7rX2vLm9Kc"
+    server = RedisServer(password=password).start()
+    caplog.set_level(logging.INFO)
+    try:
+        url = f"redis://127.0.0.1:{server.port}/0?password={password}"
+        with TestClient(create_app(Settings(redis_url=url, models="tiny"))) as c:
+            assert c.post(URL, json=VALID).status_code == 202
+        assert "API up: Redis redis://" in caplog.text
+        assert password not in caplog.text
+    finally:
+        server.cleanup()
 
 
 def test_rate_limit(make_client) -> None:

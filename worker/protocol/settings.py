@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -204,13 +204,19 @@ class Settings(BaseSettings):
 
     @property
     def redis_url_safe(self) -> str:
-        """The Redis URL with any password masked, for logs."""
+        """The Redis URL with any password masked, for logs (redis-py takes it from the
+        user part and from a `password` query parameter)."""
         parts = urlsplit(self.redis_url)
-        if parts.password is None:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if parts.password is None and all(k != "password" for k, _ in query):
             return self.redis_url
-        host = parts.hostname or ""
-        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
+        if parts.password is not None:
+            host = parts.hostname or ""
+            netloc = (f"{parts.username or ''}:***@{host}"
+                      + (f":{parts.port}" if parts.port else ""))
+            parts = parts._replace(netloc=netloc)
+        masked = [(k, "***" if k == "password" else v) for k, v in query]
+        return urlunsplit(parts._replace(query=urlencode(masked, safe="*")))
 
 
 def describe_settings_error(error: ValidationError) -> str:
