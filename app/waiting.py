@@ -30,7 +30,8 @@ def prefer_wait(request: Request) -> int:
     best = 0
     for value in request.headers.getlist("prefer"):
         for match in _WAIT.finditer(value):
-            best = max(best, min(MAX_WAIT_S, int(match.group(1))))
+            digits = match.group(1)  # int() of a huge one would raise (4,300-digit limit)
+            best = max(best, MAX_WAIT_S if len(digits) > 6 else min(MAX_WAIT_S, int(digits)))
     return best
 
 

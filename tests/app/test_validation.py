@@ -133,3 +133,20 @@ def test_openapi_uses_error_shape(client: TestClient) -> None:
                 ref = op["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
                 assert ref.endswith("/ErrorResponse"), (path, method)
     assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("header, seconds", [
+    ("wait=5", 5),
+    ("respond-async, wait=30", 30),
+    ("wait=3600", 60),
+    ("wait=" + "9" * 5000, 60),  # int() of it raised: a 500 before
+    ("wait=abc", 0),
+])
+def test_prefer_wait_header(header: str, seconds: int) -> None:
+    from starlette.requests import Request
+
+    from app.waiting import MAX_WAIT_S, prefer_wait
+
+    assert MAX_WAIT_S == 60
+    scope = {"type": "http", "headers": [(b"prefer", header.encode())]}
+    assert prefer_wait(Request(scope)) == seconds
