@@ -386,6 +386,8 @@ class Trainer(EvalMixin):
         self._interval_t0 = time.perf_counter()
         while self.step < self.total_steps:
             self.sampler.set_epoch(self.epoch)
+            if hasattr(self.train_ds, "set_epoch"):  # coco: this epoch's pick of captions
+                self.train_ds.set_epoch(self.epoch)
             self.sampler.skip = self.batch_in_epoch * cfg.batch_size
             for images, captions, labels in self.loader:
                 self.train_step(images, captions, labels)
