@@ -169,7 +169,11 @@ def generate_main(argv: list[str] | None = None) -> int:
 
     try:
         if args.prompt_file:
-            prompts = read_prompt_file(args.prompt_file)
+            try:
+                prompts = read_prompt_file(args.prompt_file)
+            except UnicodeDecodeError as e:
+                parser.error(f"argument --prompt_file: {args.prompt_file} is not UTF-8 text "
+                             f"({e})")
             if not prompts:
                 parser.error(f"argument --prompt_file: {args.prompt_file} holds no prompts")
         elif args.prompt is not None:

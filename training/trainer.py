@@ -50,6 +50,9 @@ class Trainer(EvalMixin):
         self.cfg, self.d = cfg, dist_info
         self.dir = Path(cfg.checkpoint_dir)
         self.device = dist_info.device
+        resume = self._resume_path()
+        if resume is None:
+            self._refuse_overwrite()
         if self.d.master:
             self.dir.mkdir(parents=True, exist_ok=True)
             # A save killed mid-write leaves its temp file (save_checkpoint writes
@@ -62,7 +65,6 @@ class Trainer(EvalMixin):
         self.train_ds, self.val_ds = make_datasets(cfg)
         self.stop = StopSignals(announce=self.d.master)
 
-        resume = self._resume_path()
         train_state: dict[str, Any] | None = None
         if resume is not None:
             if cfg.init_from and self.d.master:
@@ -155,6 +157,19 @@ class Trainer(EvalMixin):
         if not path.is_file():
             raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
         return path
+
+    def _refuse_overwrite(self) -> None:
+        """A fresh run's first evaluation would replace a stored run's latest.pth and
+        best_model.pth (the served model), and append to its log: refuse instead."""
+        from model import CheckpointError
+
+        stored = [n for n in ("latest.pth", "best_model.pth") if (self.dir / n).is_file()]
+        if stored:
+            how = ("continue that run with --resume, " if "latest.pth" in stored
+                   else "move it away, ")
+            raise CheckpointError(
+                f"{self.dir} already holds {' and '.join(stored)} of an earlier run, which a "
+                f"fresh run would overwrite; {how}or pass another --checkpoint_dir")
 
     def _restore(self, ts: dict[str, Any]) -> None:
         if ts.get("model") is not None:  # EMA was on: the file's weights are the EMA ones
@@ -371,6 +386,8 @@ class Trainer(EvalMixin):
         self._interval_t0 = time.perf_counter()
         while self.step < self.total_steps:
             self.sampler.set_epoch(self.epoch)
+            if hasattr(self.train_ds, "set_epoch"):  # coco: this epoch's pick of captions
+                self.train_ds.set_epoch(self.epoch)
             self.sampler.skip = self.batch_in_epoch * cfg.batch_size
             for images, captions, labels in self.loader:
                 self.train_step(images, captions, labels)

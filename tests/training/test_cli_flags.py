@@ -145,6 +145,19 @@ def test_generate_missing_checkpoint(tmp_path, capsys: pytest.CaptureFixture[str
     assert "nope.pth" in capsys.readouterr().err
 
 
+def test_generate_prompt_file_not_utf8(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A prompts.txt saved as UTF-16 (Windows Notepad's "Unicode") is a usage error naming
+    the file, not a UnicodeDecodeError traceback."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cute cat playing with a ball\n", encoding="utf-16")
+    with pytest.raises(SystemExit) as exc:
+        generate_main(["--checkpoint", str(tmp_path / "nope.pth"), "--prompt_file",
+                       str(prompts), "--output_dir", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--prompt_file" in err and "prompts.txt" in err and "UTF-8" in err
+
+
 @pytest.mark.parametrize("sub", ["train", "generate", "eval"])
 def test_promptpix_subcommands_dispatch(sub: str, capsys: pytest.CaptureFixture[str]) -> None:
     from promptpix_cli import main

@@ -94,3 +94,38 @@ def test_val_fraction_flag_range() -> None:
     for bad in ("0", "1", "-0.1"):
         with pytest.raises(SystemExit):
             parse_train_args(["--val_fraction", bad])
+
+
+def test_training_rotates_through_each_images_captions(tmp_path: Path, one_thread: None) -> None:
+    """COCO has ~5 captions an image; epoch e trains on the ones `set_epoch(e)` picks, so a
+    run sees every caption, not each image's epoch-0 pick again and again."""
+    import torch
+
+    from training.config import parse_train_args
+    from training.distributed import DistInfo
+    from training.trainer import Trainer
+
+    data = tmp_path / "coco"
+    write_coco_split(data, "train", 8)
+    write_coco_split(data, "val", 2)
+    flags = list(TINY)
+    flags[flags.index("shapes")] = "coco"
+    i = flags.index("--shapes_train_size")
+    del flags[i:i + 2]
+
+    seen: set[str] = set()
+
+    class Recording(Trainer):
+        def train_step(self, images: torch.Tensor, captions: list[str],
+                       labels: torch.Tensor) -> None:
+            seen.update(captions)
+            super().train_step(images, captions, labels)
+
+    cfg = parse_train_args([*flags, "--data_root", str(data), "--batch_size", "4",
+                            "--num_epochs", "6", "--cond_drop_prob", "0",
+                            "--checkpoint_dir", str(tmp_path / "ck")])
+    t = Recording(cfg, DistInfo())
+    assert t.fit() == 0
+    # 8 images x 2 captions; the picks are fixed by (epoch, index): 6 epochs see all 16
+    # (before: the epoch-0 pick of each image, 8, every epoch).
+    assert len(seen) == 16, sorted(seen)

@@ -84,3 +84,25 @@ def test_bits_per_dim_goes_down(tmp_path: Path, one_thread: None) -> None:
     val = [r["val_bpd"] for r in read_log(ck, "val")]
     assert val[-1] < val[0] < first
     assert val[-1] < 0.4 * first, (first, val)  # measured: 2.09 -> 0.25 -> 0.16
+
+
+def test_fresh_run_does_not_overwrite_a_stored_run(tmp_path: Path, one_thread: None,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The same command run again without --resume would replace the stored run's
+    latest.pth and best_model.pth (the served model) at its first evaluation: refused."""
+    ck = tmp_path / "c"
+    assert train_main([*TINY, "--max_steps", "2", "--checkpoint_dir", str(ck)]) == 0
+    stored = {n: (ck / n).read_bytes() for n in ("latest.pth", "best_model.pth")}
+    log_lines = (ck / "train_log.jsonl").read_text()
+    capsys.readouterr()
+    assert train_main([*TINY, "--max_steps", "2", "--checkpoint_dir", str(ck)]) == 1
+    err = capsys.readouterr().err
+    assert "--resume" in err and "latest.pth" in err and str(ck) in err
+    assert {n: (ck / n).read_bytes() for n in stored} == stored
+    assert (ck / "train_log.jsonl").read_text() == log_lines
+    # Only best_model.pth (a copied-in model, no latest.pth): --resume has nothing to
+    # continue and starts fresh, which must not replace it either.
+    (ck / "latest.pth").unlink()
+    assert train_main([*TINY, "--max_steps", "2", "--checkpoint_dir", str(ck), "--resume"]) == 1
+    assert "best_model.pth" in capsys.readouterr().err
+    assert (ck / "best_model.pth").read_bytes() == stored["best_model.pth"]
