@@ -399,6 +399,8 @@ def _run(ctx: WorkerContext, batch: list[JobPayload],
     except (redis.ConnectionError, redis.TimeoutError):
         raise  # recording needs Redis: the reaper hands these jobs on when it is back
     except Exception as e:
+        if storage_full(e):
+            raise  # a final write refused for its whole retry window: as Redis going away
         # Whatever the model raised, no job may stay `running` behind a live worker.
         for p in pending.values():
             _fail(ctx, p.job_id, p.attempt, JobErrorCode.MODEL_ERROR,

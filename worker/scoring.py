@@ -24,7 +24,7 @@ from rq.timeouts import JobTimeoutException
 
 from . import metrics
 from .images import UploadRefused, prepared_upload
-from .protocol import JobErrorCode, JobStatus, Keys, PayloadError, ScorePayload
+from .protocol import JobErrorCode, JobStatus, Keys, PayloadError, ScorePayload, storage_full
 from .protocol import parse_score_payload as parse
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,8 @@ def score(payload: dict[str, Any]) -> dict[str, Any]:
         except (redis.ConnectionError, redis.TimeoutError):
             raise  # the reaper hands the job on when Redis is back
         except Exception as e:
+            if storage_full(e):
+                raise  # the final write was refused for its whole retry window: as above
             _fail(ctx, p.job_id, p.attempt, JobErrorCode.MODEL_ERROR,
                   f"{type(e).__name__}: {str(e)[:1000]}")
             raise
