@@ -370,8 +370,13 @@ def _run(ctx: WorkerContext, batch: list[JobPayload],
         results = generate_batch(ctx.model, requests, decoder=ctx.decoder)
         elapsed = time.perf_counter() - start
         records: dict[str, dict[str, Any]] = {}
-        for p, run, images, bits in zip(batch, runs, results, results.bits, strict=True):
-            records[p.job_id] = _record(ctx, p, run, images, bits, elapsed)
+        # Jobs stopped for shutdown are each requeued at the front of the queue: they go
+        # last, the batch's last one first, so that they keep their queue order.
+        order = ([i for i, run in enumerate(runs) if not run.shutdown]
+                 + [i for i, run in reversed(list(enumerate(runs))) if run.shutdown])
+        for i in order:
+            p = batch[i]
+            records[p.job_id] = _record(ctx, p, runs[i], results[i], results.bits[i], elapsed)
             del pending[p.job_id]
     except JobTimeoutException:
         for p in pending.values():
@@ -386,13 +391,16 @@ def _run(ctx: WorkerContext, batch: list[JobPayload],
                   f"out of GPU memory: {str(e)[:500]}")
         raise
     except SystemExit:
-        # A second SIGTERM (cold shutdown): hand the jobs on rather than leave them running.
-        for p in pending.values():
+        # A second SIGTERM (cold shutdown): hand the jobs on rather than leave them running
+        # (each at the front of the queue: the last first, so they keep their order).
+        for p in reversed(pending.values()):
             ctx.store.requeue(p.job_id, p.attempt, ctx.worker_name, lost=False)
         raise
     except (redis.ConnectionError, redis.TimeoutError):
         raise  # recording needs Redis: the reaper hands these jobs on when it is back
     except Exception as e:
+        if storage_full(e):
+            raise  # a final write refused for its whole retry window: as Redis going away
         # Whatever the model raised, no job may stay `running` behind a live worker.
         for p in pending.values():
             _fail(ctx, p.job_id, p.attempt, JobErrorCode.MODEL_ERROR,

@@ -147,10 +147,14 @@ def serve(settings: Any, model: Any, info: dict[str, Any], device: str,
     jobs.set_context(ctx)
 
     def beat() -> None:
-        current = ctx.current_jobs  # one read: the job thread replaces the list, never edits it
+        # The time first, then one read of the list (the job thread replaces it, never edits
+        # it): a job announced after the read is claimed after `ts`, so the reaper, which
+        # spares jobs claimed at or after a beat's `ts`, never takes this beat to mean "lost".
+        ts = time.time()
+        current = ctx.current_jobs
         store.heartbeat(name, {"name": name, "model_id": info["id"],
                                "job": current[0] if current else None, "jobs": current,
-                               "ts": time.time(), "pid": os.getpid(),
+                               "ts": ts, "pid": os.getpid(),
                                "host": socket.gethostname(), "device": device,
                                "metrics_port": port}, info)
 

@@ -24,7 +24,7 @@ from rq.timeouts import JobTimeoutException
 
 from . import metrics
 from .images import UploadRefused, prepared_upload
-from .protocol import JobErrorCode, JobStatus, Keys, PayloadError, ScorePayload
+from .protocol import JobErrorCode, JobStatus, Keys, PayloadError, ScorePayload, storage_full
 from .protocol import parse_score_payload as parse
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,8 @@ def score(payload: dict[str, Any]) -> dict[str, Any]:
         except (redis.ConnectionError, redis.TimeoutError):
             raise  # the reaper hands the job on when Redis is back
         except Exception as e:
+            if storage_full(e):
+                raise  # the final write was refused for its whole retry window: as above
             _fail(ctx, p.job_id, p.attempt, JobErrorCode.MODEL_ERROR,
                   f"{type(e).__name__}: {str(e)[:1000]}")
             raise
@@ -193,6 +195,8 @@ def score(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(ctx: Any, p: ScorePayload, finish: Any) -> dict[str, Any]:
+    from .jobs import _count_lost
+
     info, params = ctx.model_info, p.params
     hooks = (p.test_hooks or {}) if ctx.settings.test_hooks else {}
     if hooks.get("score_delay"):  # test hook: a slow score (PROMPTPIX_TEST_HOOKS=1 only)
@@ -216,6 +220,8 @@ def _run(ctx: Any, p: ScorePayload, finish: Any) -> dict[str, Any]:
         metrics.JOBS_COMPLETED.labels(JobStatus.SUCCEEDED.value).inc()
         with contextlib.suppress(redis.RedisError):  # else it expires with the job
             ctx.store.r.delete(Keys.upload(p.job_id))
+    else:
+        _count_lost(ctx, p.job_id)  # canceled, or handed on, while it was scored
     logger.info("score job %s attempt %d %s in %.2f s (%d captions)", p.job_id, p.attempt,
                 "succeeded" if ok else "finished but was no longer ours", elapsed,
                 len(params.captions))

@@ -120,3 +120,36 @@ def _record_sizes(r: redis.Redis, job_id: str, n_images: int) -> None:
     rq = r.memory_usage(f"rq:job:{rq_job_id(job_id, 1)}") or 0
     print(f"\nbytes in Redis: job hash {job}, images {images}, preview {preview}, "
           f"RQ job {rq}")
+
+
+@pytest.mark.slow
+def test_final_write_refused_past_its_retries_is_handed_on_not_failed_model_error(
+    small_redis: RedisServer, checkpoint: Path, tmp_path: Path
+) -> None:
+    # Redis stays full past the final write's whole retry window (FINAL_WRITE_RETRY_S):
+    # the images are lost, but the model did nothing wrong. The job is left `running` for
+    # the reaper, which hands it on (attempt 2) once Redis has room: it must not end
+    # `failed` with `model_error` (a second write, of that error, once room came back).
+    from worker.jobs import FINAL_WRITE_RETRY_S
+
+    url = small_redis.url
+    r = redis.Redis.from_url(url)
+    store = JobStore(r, Settings(redis_url=url), model=checkpoint.stem)
+    w: Proc = start_worker(url, checkpoint, tmp_path / "w.log")
+    try:
+        wait_worker_ready(url, w)
+        job_id, _ = store.create_job(GenerationParams(prompt="a red square", seed=1),
+                                     test_hooks={"row_delay": 0.3})
+        wait_for(lambda: store.get(job_id).status == "running", 30, "the job")
+        fillers = fill(r)
+        wait_for(lambda: "giving up" in w.log(), FINAL_WRITE_RETRY_S + 30,
+                 "the final write to give up")
+        r.delete(*[f"filler:{i}" for i in range(fillers)])  # room again
+        r.config_set("maxmemory", MAXMEMORY)
+        wait_for(lambda: store.get(job_id).status.finished, 60, "the job to end")
+        job = store.get(job_id)
+        assert job.error_code != "model_error", job.error_message
+        assert job.status == "succeeded" and job.attempt == 2 and job.images == 1
+        assert w.alive()
+    finally:
+        w.stop()

@@ -102,3 +102,21 @@ def test_cancel_one_job_of_a_batch(
     assert store.get(other).status == "succeeded" and len(_pngs(store, other)) == 3
     assert "batch of 2 jobs (5 images)" in w.log()
     assert f"job {slow} attempt 1 stopped" in w.log()
+
+
+def test_sigterm_mid_batch_requeues_its_jobs_in_queue_order(
+    redis_url: str, store: JobStore, checkpoint: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    # Three jobs batched together, then a SIGTERM whose grace runs out mid-batch: all
+    # three go back to the front of the queue, still in the order they were submitted
+    # (each requeued `at_front` in batch order would reverse them: the last job first).
+    ids = [store.create_job(GenerationParams(prompt="a red square", seed=s),
+                            test_hooks={"row_delay": 0.2})[0] for s in (1, 2, 3)]
+    later = store.create_job(GenerationParams(prompt="a blue square", seed=4))[0]
+    w = _worker(redis_url, checkpoint, tmp_path / "w.log", procs, PROMPTPIX_MAX_BATCH="3",
+                PROMPTPIX_SHUTDOWN_GRACE="0.3")
+    wait_for(lambda: store.get(ids[0]).progress > 0, 30, "the batch to start")
+    assert w.stop(timeout=20) == 0, w.log()[-2000:]
+    assert f"batch of 3 jobs (3 images): {' '.join(ids)}" in w.log()
+    assert [store.get(j).status for j in ids] == ["queued"] * 3
+    assert [j for j, _, _ in store.queued_head(10)] == [*ids, later]

@@ -5,6 +5,7 @@ Real Redis, real `promptpix worker` processes, real RQ entries written into the 
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from PIL import Image
 from rq import Callback, Queue
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
@@ -25,7 +27,15 @@ from tests.worker.helpers import (
     wait_for,
     wait_worker_ready,
 )
-from worker.protocol import GenerationParams, JobRecord, JobStore, Keys, Settings, queue_name
+from worker.protocol import (
+    GenerationParams,
+    JobRecord,
+    JobStore,
+    Keys,
+    ScoreParams,
+    Settings,
+    queue_name,
+)
 
 ZEN = "Beautiful is better than ugly"  # what `import this` prints
 MODEL = "tiny_serving"  # the checkpoint's file stem: its worker serves `generate:tiny_serving`
@@ -205,3 +215,22 @@ def test_attempt_handed_on_is_not_counted_canceled(
     assert _metric(info, 'promptpix_jobs_completed_total{status="succeeded"}') == 1
     assert _metric(info, "promptpix_attempts_handed_on_total") == 1
     assert f"job {slow} attempt 1 stopped" in w.log()
+
+
+def test_score_canceled_while_running_is_counted_canceled(
+    redis_url: str, store: JobStore, checkpoint: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    # A score job ends like a generation: canceled mid-run, its attempt's end is counted
+    # `canceled` (jobs_completed_total), as a generation's is.
+    w = _worker(redis_url, checkpoint, tmp_path / "w.log", procs)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (220, 40, 40)).save(buf, format="PNG")
+    score, _ = store.create_job(ScoreParams(captions=["a red square"]), upload=buf.getvalue(),
+                                test_hooks={"score_delay": 1.0})
+    wait_for(lambda: _job(store, score).status == "running", 30, "the score to run")
+    assert store.cancel(score) == "ok"
+    wait_for(lambda: f"score job {score} attempt 1 finished but was no longer ours" in w.log(),
+             30, "the score's attempt to end")
+    info = store.live_workers()[0]
+    assert _metric(info, 'promptpix_jobs_completed_total{status="canceled"}') == 1
+    assert _metric(info, 'promptpix_jobs_completed_total{status="succeeded"}') == 0
