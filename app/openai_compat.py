@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.protocol import MAX_SEED
+from worker.protocol import MAX_SEED, storage_full
 
-from .errors import REDIS_RETRY_AFTER_S, ApiError
+from .errors import REDIS_RETRY_AFTER_S, STORAGE_FULL_RETRY_AFTER_S, ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,13 @@ class OpenAIRoute(APIRoute):
                 logger.warning("Redis unavailable for %s: %s", request.url.path, e)
                 return openai_error(503, "unavailable", "the job store (Redis) is unreachable",
                                     headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
+            except redis.ResponseError as e:
+                if not storage_full(e):
+                    raise
+                logger.warning("Redis is full: refused %s: %s", request.url.path, e)
+                return openai_error(503, "storage_full", "the job store (Redis) is full; "
+                                    "retry later",
+                                    headers={"Retry-After": str(STORAGE_FULL_RETRY_AFTER_S)})
 
         return wrapped
 

@@ -65,6 +65,12 @@ def test_full_redis_refuses_submissions_and_keeps_serving_reads(
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "storage_full"
         assert int(refused.headers["Retry-After"]) > 0
+        # The OpenAI-compatible route refuses in OpenAI's error shape, which the SDK reads.
+        openai = http.post("/v1/images/generations", json={"prompt": "a blue square"})
+        assert openai.status_code == 503, openai.text
+        assert openai.json()["error"]["code"] == "storage_full", openai.text
+        assert openai.json()["error"]["type"] == "server_error", openai.text
+        assert int(openai.headers["Retry-After"]) > 0
         # Reads go on: the job, its PNGs, the model list; many of them, past any window.
         for _ in range(5):
             assert http.get(f"/v1/generations/{job['id']}").json()["status"] == "succeeded"
