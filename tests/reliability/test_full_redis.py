@@ -66,13 +66,24 @@ def fill(r: redis.Redis) -> int:
     return n
 
 
+def _store_and_worker(url: str, checkpoint: Path,
+                      tmp_path: Path) -> tuple[redis.Redis, JobStore, Proc]:
+    r = redis.Redis.from_url(url)
+    store = JobStore(r, Settings(redis_url=url), model=checkpoint.stem)
+    return r, store, start_worker(url, checkpoint, tmp_path / "w.log")
+
+
+def _make_room(r: redis.Redis, fillers: int) -> None:
+    """Undo `fill`: its filler keys deleted, maxmemory back to the server's."""
+    r.delete(*[f"filler:{i}" for i in range(fillers)])
+    r.config_set("maxmemory", MAXMEMORY)
+
+
 def test_final_write_refused_by_full_redis_is_retried_and_heartbeat_survives(
     small_redis: RedisServer, checkpoint: Path, tmp_path: Path
 ) -> None:
     url = small_redis.url
-    r = redis.Redis.from_url(url)
-    store = JobStore(r, Settings(redis_url=url), model=checkpoint.stem)
-    w: Proc = start_worker(url, checkpoint, tmp_path / "w.log")
+    r, store, w = _store_and_worker(url, checkpoint, tmp_path)
     try:
         name = wait_worker_ready(url, w)
         job_id, _ = store.create_job(GenerationParams(prompt="a red square", num_images=4,
@@ -88,8 +99,7 @@ def test_final_write_refused_by_full_redis_is_retried_and_heartbeat_survives(
             assert w.alive()
             time.sleep(0.2)
         assert "final write (succeeded, 4 image(s)) refused: Redis is full" in w.log()
-        r.delete(*[f"filler:{i}" for i in range(fillers)])  # room again
-        r.config_set("maxmemory", MAXMEMORY)
+        _make_room(r, fillers)
 
         wait_for(lambda: store.get(job_id).status == "succeeded", 30,
                  "the job to be recorded once Redis has room")
@@ -133,9 +143,7 @@ def test_final_write_refused_past_its_retries_is_handed_on_not_failed_model_erro
     from worker.jobs import FINAL_WRITE_RETRY_S
 
     url = small_redis.url
-    r = redis.Redis.from_url(url)
-    store = JobStore(r, Settings(redis_url=url), model=checkpoint.stem)
-    w: Proc = start_worker(url, checkpoint, tmp_path / "w.log")
+    r, store, w = _store_and_worker(url, checkpoint, tmp_path)
     try:
         wait_worker_ready(url, w)
         job_id, _ = store.create_job(GenerationParams(prompt="a red square", seed=1),
@@ -144,8 +152,7 @@ def test_final_write_refused_past_its_retries_is_handed_on_not_failed_model_erro
         fillers = fill(r)
         wait_for(lambda: "giving up" in w.log(), FINAL_WRITE_RETRY_S + 30,
                  "the final write to give up")
-        r.delete(*[f"filler:{i}" for i in range(fillers)])  # room again
-        r.config_set("maxmemory", MAXMEMORY)
+        _make_room(r, fillers)
         wait_for(lambda: store.get(job_id).status.finished, 60, "the job to end")
         job = store.get(job_id)
         assert job.error_code != "model_error", job.error_message
